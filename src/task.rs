@@ -1,0 +1,120 @@
+//! A task: what a producer published, decoded from one received message.
+
+use std::collections::BTreeMap;
+
+use time::OffsetDateTime;
+
+/// Attribute that names the handler.
+pub const KIND_ATTRIBUTE: &str = "kind";
+/// Attribute with the producer's task id (defaults to the message id).
+pub const TASK_ID_ATTRIBUTE: &str = "task_id";
+
+/// One unit of work, as the dispatcher and handlers see it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Task {
+    /// The handler name (`kind` attribute).
+    pub kind: String,
+    /// The producer's id for logs and results; the message id if none was given.
+    pub task_id: String,
+    /// Pub/Sub's id of the message.
+    pub message_id: String,
+    /// Every attribute but `kind` and `task_id`, passed to the handler.
+    pub attributes: BTreeMap<String, String>,
+    /// The payload, given to the handler on stdin.
+    pub data: Vec<u8>,
+    /// 1-based delivery attempt. Pub/Sub counts it only on subscriptions
+    /// with a dead-letter policy (which `setup` always sets); 1 otherwise.
+    pub attempt: u32,
+    /// When the producer published it (for queue-wait metrics and handlers).
+    pub publish_time: Option<OffsetDateTime>,
+}
+
+/// Why a message could not be turned into a task. The message is
+/// dead-lettered with this reason; it is never retried.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// Producers must say which handler runs the task.
+    #[error("the message has no `kind` attribute; a task must name its handler")]
+    MissingKind,
+    /// An empty `kind` is as good as none.
+    #[error("the message's `kind` attribute is empty")]
+    EmptyKind,
+}
+
+impl Task {
+    /// Decodes a received message.
+    pub fn decode(
+        message_id: String,
+        mut attributes: BTreeMap<String, String>,
+        data: Vec<u8>,
+        delivery_attempt: i32,
+        publish_time: Option<OffsetDateTime>,
+    ) -> Result<Task, DecodeError> {
+        let kind = attributes
+            .remove(KIND_ATTRIBUTE)
+            .ok_or(DecodeError::MissingKind)?;
+        if kind.trim().is_empty() {
+            return Err(DecodeError::EmptyKind);
+        }
+        let task_id = attributes
+            .remove(TASK_ID_ATTRIBUTE)
+            .filter(|t| !t.is_empty())
+            .unwrap_or_else(|| message_id.clone());
+        Ok(Task {
+            kind,
+            task_id,
+            message_id,
+            attributes,
+            data,
+            attempt: delivery_attempt.max(1) as u32,
+            publish_time,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attrs(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn decodes_kind_task_id_and_other_attributes() {
+        let t = Task::decode(
+            "m1".into(),
+            attrs(&[("kind", "render"), ("task_id", "t-7"), ("scene", "a")]),
+            b"{}".to_vec(),
+            3,
+            None,
+        )
+        .unwrap();
+        assert_eq!(t.kind, "render");
+        assert_eq!(t.task_id, "t-7");
+        assert_eq!(t.attempt, 3);
+        assert_eq!(t.attributes, attrs(&[("scene", "a")]));
+    }
+
+    #[test]
+    fn task_id_defaults_to_message_id_and_attempt_to_one() {
+        let t = Task::decode("m1".into(), attrs(&[("kind", "k")]), vec![], 0, None).unwrap();
+        assert_eq!(t.task_id, "m1");
+        assert_eq!(t.attempt, 1);
+    }
+
+    #[test]
+    fn missing_or_empty_kind_is_refused() {
+        assert_eq!(
+            Task::decode("m".into(), attrs(&[]), vec![], 1, None),
+            Err(DecodeError::MissingKind)
+        );
+        assert_eq!(
+            Task::decode("m".into(), attrs(&[("kind", " ")]), vec![], 1, None),
+            Err(DecodeError::EmptyKind)
+        );
+    }
+}
