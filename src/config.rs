@@ -401,9 +401,8 @@ impl Config {
                 format!("{:?} is not a Google Cloud project id", p.project),
             ));
         }
-        if !p.endpoint.is_empty()
-            && !(p.endpoint.starts_with("http://") || p.endpoint.starts_with("https://"))
-        {
+        let url_like = p.endpoint.starts_with("http://") || p.endpoint.starts_with("https://");
+        if !(p.endpoint.is_empty() || url_like) {
             return Err(invalid(
                 "pubsub.endpoint",
                 "must be empty or an http:// or https:// URL",

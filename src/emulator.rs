@@ -3,6 +3,9 @@
 //! It runs in its own process group: the `gcloud` wrapper starts a Java
 //! process that outlives it, so stopping means signalling the whole group.
 
+// Plain threads, no tokio runtime here: std::time::Instant is right.
+#![allow(clippy::disallowed_types)]
+
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;

@@ -217,8 +217,6 @@ fn later_files_win_and_missing_files_are_refused() {
 
 #[test]
 fn shipped_configs_are_valid() {
-    for file in ["config/dev.toml"] {
-        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(file);
-        Config::load(&[path], &Environment::default()).unwrap_or_else(|e| panic!("{file}: {e}"));
-    }
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/dev.toml");
+    Config::load(&[path], &Environment::default()).unwrap_or_else(|e| panic!("dev.toml: {e}"));
 }

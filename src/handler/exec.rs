@@ -227,20 +227,15 @@ async fn forward_lines(
     let mut lines = BufReader::new(stream).lines();
     let mut tail: VecDeque<String> = VecDeque::new();
     let mut tail_len = 0;
-    loop {
-        match lines.next_line().await {
-            Ok(Some(line)) => {
-                tracing::info!(task_id = %task_id, stream = name, "{line}");
-                if keep > 0 {
-                    tail_len += line.len() + 1;
-                    tail.push_back(line);
-                    while tail_len > keep && tail.len() > 1 {
-                        tail_len -= tail.pop_front().map_or(0, |l| l.len() + 1);
-                    }
-                }
+    // Non-UTF-8 output or a closed pipe ends forwarding, not the task.
+    while let Ok(Some(line)) = lines.next_line().await {
+        tracing::info!(task_id = %task_id, stream = name, "{line}");
+        if keep > 0 {
+            tail_len += line.len() + 1;
+            tail.push_back(line);
+            while tail_len > keep && tail.len() > 1 {
+                tail_len -= tail.pop_front().map_or(0, |l| l.len() + 1);
             }
-            // Non-UTF-8 output or a closed pipe ends forwarding, not the task.
-            Ok(None) | Err(_) => break,
         }
     }
     let mut text = tail.into_iter().collect::<Vec<_>>().join("\n");
