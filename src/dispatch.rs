@@ -19,11 +19,13 @@ use tracing::Instrument;
 use crate::config::{ExecutorClass, RetryConfig};
 use crate::disposition::{Disposition, backoff, decide};
 use crate::executor::Slot;
+use crate::handler::Failure;
 use crate::handler::{HandlerRegistry, Outcome, Registered, RunContext};
 use crate::lease::LeaseHandle;
 use crate::metrics::Metrics;
 use crate::pubsub::ReceivedMessage;
-use crate::task::Task;
+use crate::results::{ResultEvent, Results, now_rfc3339, rfc3339};
+use crate::task::{KIND_ATTRIBUTE, TASK_ID_ATTRIBUTE, Task};
 
 /// Why a task cannot run here.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -122,65 +124,160 @@ pub struct Dispatcher {
     pub stop: CancellationToken,
     /// SIGTERM-to-SIGKILL time for handlers.
     pub kill_grace: Duration,
+    /// Result events.
+    pub results: Results,
+    /// This worker's name in result events (the pod name).
+    pub worker: String,
+    /// Where result publishes run, so shutdown waits for them.
+    pub background: tokio_util::task::TaskTracker,
+}
+
+/// What a handler run produced, for the result event.
+struct Ran {
+    outcome: Outcome,
+    started_at: time::OffsetDateTime,
+    duration: Duration,
 }
 
 impl Dispatcher {
     /// Runs one received message to its disposition. `slot` is held until
     /// the message's fate is sent to the lease loop.
     pub async fn dispatch(&self, received: ReceivedMessage, slot: Slot) {
-        let ack_id = received.ack_id.clone();
         let task = match decode(&received) {
             Ok(task) => task,
             Err(reason) => {
                 tracing::error!(executor = %self.class, %reason, "undecodable message; dead-lettering it");
-                return self
-                    .dead_letter(&received, &reason, received.delivery_attempt.max(1) as u32)
-                    .await;
+                let attempt = received.delivery_attempt.max(1) as u32;
+                self.dead_letter(&received, &reason, attempt).await;
+                self.emit(self.unrun_event(&received, attempt, reason));
+                return;
             }
         };
         let span = tracing::info_span!("task", task_id = %task.task_id, kind = %task.kind,
             executor = %self.class, attempt = task.attempt);
-        async {
-            let registered = match route(&self.registry, &task.kind, self.class) {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::error!(reason = %e, "task cannot run here; dead-lettering it");
-                    return self.dead_letter(&received, &e.to_string(), task.attempt).await;
-                }
-            };
-            let outcome = self.run(&task, registered, &slot).await;
-            let disposition = decide(&outcome, task.attempt, &self.retry);
-            let label = outcome_label(&disposition);
-            self.metrics
-                .tasks_finished
-                .with_label_values(&[&task.kind, self.class.as_str(), label])
-                .inc();
-            match disposition {
-                Disposition::Ack => {
-                    tracing::info!("task succeeded");
-                    self.lease.ack(ack_id);
-                }
-                Disposition::Retry { after } => {
-                    tracing::warn!(outcome = ?outcome_failure(&outcome),
-                        retry_in = %humantime::format_duration(after), "task failed; it will be retried");
-                    self.lease.release_after(ack_id, after);
-                }
-                Disposition::Release => {
-                    tracing::warn!("task interrupted by shutdown; releasing it for another worker");
-                    self.lease.release_after(ack_id, Duration::ZERO);
-                }
-                Disposition::DeadLetter { reason } => {
-                    tracing::error!(%reason, "task failed for good; dead-lettering it");
-                    self.dead_letter(&received, &reason, task.attempt).await;
-                }
-            }
-        }
-        .instrument(span)
-        .await;
+        self.dispatch_task(&received, task, &slot)
+            .instrument(span)
+            .await;
         drop(slot);
     }
 
-    async fn run(&self, task: &Task, registered: &Registered, slot: &Slot) -> Outcome {
+    async fn dispatch_task(&self, received: &ReceivedMessage, task: Task, slot: &Slot) {
+        let ack_id = received.ack_id.clone();
+        let registered = match route(&self.registry, &task.kind, self.class) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(reason = %e, "task cannot run here; dead-lettering it");
+                self.dead_letter(received, &e.to_string(), task.attempt)
+                    .await;
+                self.emit(self.unrun_event(received, task.attempt, e.to_string()));
+                return;
+            }
+        };
+        let ran = self.run(&task, registered, slot).await;
+        let disposition = decide(&ran.outcome, task.attempt, &self.retry);
+        let label = outcome_label(&disposition);
+        self.metrics
+            .tasks_finished
+            .with_label_values(&[&task.kind, self.class.as_str(), label])
+            .inc();
+        let mut error = match &ran.outcome {
+            Outcome::Succeeded { .. } => None,
+            Outcome::Failed { failure, .. } => Some(failure.to_string()),
+        };
+        match &disposition {
+            Disposition::Ack => {
+                tracing::info!("task succeeded");
+                self.lease.ack(ack_id);
+            }
+            Disposition::Retry { after } => {
+                tracing::warn!(error = error.as_deref().unwrap_or_default(),
+                    retry_in = %humantime::format_duration(*after), "task failed; it will be retried");
+                self.lease.release_after(ack_id, *after);
+            }
+            Disposition::Release => {
+                tracing::warn!("task interrupted by shutdown; releasing it for another worker");
+                self.lease.release_after(ack_id, Duration::ZERO);
+            }
+            Disposition::DeadLetter { reason } => {
+                tracing::error!(%reason, "task failed for good; dead-lettering it");
+                self.dead_letter(received, reason, task.attempt).await;
+                error = Some(reason.clone());
+            }
+        }
+        let (result, stderr, exit_code) = match ran.outcome {
+            Outcome::Succeeded { result } => (result, None, Some(0)),
+            Outcome::Failed {
+                failure,
+                stderr_tail,
+            } => {
+                let code = match failure {
+                    Failure::Exit { code, .. } => Some(code),
+                    _ => None,
+                };
+                (None, Some(stderr_tail).filter(|s| !s.is_empty()), code)
+            }
+        };
+        self.emit(ResultEvent {
+            task_id: task.task_id.clone(),
+            message_id: task.message_id.clone(),
+            kind: task.kind.clone(),
+            executor: self.class.to_string(),
+            device: slot.device().map(str::to_string),
+            outcome: label.to_string(),
+            attempt: task.attempt,
+            exit_code,
+            error,
+            stderr,
+            started_at: Some(rfc3339(ran.started_at)),
+            finished_at: now_rfc3339(),
+            duration_seconds: ran.duration.as_secs_f64(),
+            worker: self.worker.clone(),
+            result,
+        });
+    }
+
+    /// The result event of a message that was dead-lettered without running.
+    fn unrun_event(&self, received: &ReceivedMessage, attempt: u32, reason: String) -> ResultEvent {
+        let message = received.message.clone().unwrap_or_default();
+        ResultEvent {
+            task_id: message
+                .attributes
+                .get(TASK_ID_ATTRIBUTE)
+                .cloned()
+                .unwrap_or_else(|| message.message_id.clone()),
+            message_id: message.message_id.clone(),
+            kind: message
+                .attributes
+                .get(KIND_ATTRIBUTE)
+                .cloned()
+                .unwrap_or_default(),
+            executor: self.class.to_string(),
+            device: None,
+            outcome: "dead_lettered".into(),
+            attempt,
+            exit_code: None,
+            error: Some(reason),
+            stderr: None,
+            started_at: None,
+            finished_at: now_rfc3339(),
+            duration_seconds: 0.0,
+            worker: self.worker.clone(),
+            result: None,
+        }
+    }
+
+    /// Publishes a result event in the background.
+    fn emit(&self, event: ResultEvent) {
+        let results = self.results.clone();
+        self.background.spawn(async move {
+            if let Err(e) = results.publish(&event).await {
+                tracing::warn!(task_id = %event.task_id, outcome = %event.outcome, error = %e,
+                    "could not publish the result event; the task's own outcome is unaffected");
+            }
+        });
+    }
+
+    async fn run(&self, task: &Task, registered: &Registered, slot: &Slot) -> Ran {
         let labels = [task.kind.as_str(), self.class.as_str()];
         self.metrics.tasks_started.with_label_values(&labels).inc();
         if let Some(published) = task.publish_time {
@@ -197,6 +294,7 @@ impl Dispatcher {
         in_progress.inc();
         tracing::info!(device = slot.device(), "task started");
         let start = Instant::now();
+        let started_at = time::OffsetDateTime::now_utc();
         let ctx = RunContext {
             env: slot.env(),
             stop: self.stop.clone(),
@@ -212,7 +310,11 @@ impl Dispatcher {
             .task_duration
             .with_label_values(&[task.kind.as_str(), self.class.as_str(), result])
             .observe(start.elapsed().as_secs_f64());
-        outcome
+        Ran {
+            outcome,
+            started_at,
+            duration: start.elapsed(),
+        }
     }
 
     /// Dead-letters a message, acking it only once the dead letter is
@@ -241,13 +343,6 @@ fn outcome_label(d: &Disposition) -> &'static str {
         Disposition::Retry { .. } => "retrying",
         Disposition::DeadLetter { .. } => "dead_lettered",
         Disposition::Release => "released",
-    }
-}
-
-fn outcome_failure(o: &Outcome) -> String {
-    match o {
-        Outcome::Succeeded { .. } => "succeeded".into(),
-        Outcome::Failed { failure, .. } => failure.to_string(),
     }
 }
 

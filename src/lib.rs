@@ -16,6 +16,7 @@
 //! - [`dispatch`]: routing a task to its handler and deciding its fate.
 //! - [`handler`]: exec and builtin handlers.
 //! - [`disposition`]: ack, retry with backoff, dead-letter, release.
+//! - [`results`]: result events on the results topic.
 //! - [`worker`]: all of the above plus the shutdown sequence.
 //! - [`metrics`], [`telemetry`]: Prometheus metrics and logs.
 //! - [`emulator`], [`dev`]: the local Pub/Sub emulator and `leasehold dev`.
@@ -36,6 +37,7 @@ pub mod lease;
 pub mod metrics;
 pub mod pubsub;
 pub mod puller;
+pub mod results;
 pub mod task;
 pub mod telemetry;
 pub mod worker;

@@ -1,6 +1,8 @@
 //! Logging: human-readable in a terminal, JSON for Cloud Logging with
 //! `LEASEHOLD_LOG_FORMAT=json`; `RUST_LOG` filters (default `info`).
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 /// Installs the global subscriber once; later calls do nothing.
@@ -8,7 +10,9 @@ pub fn init(json: bool) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colours only for a person at a terminal, never into log files.
+        .with_ansi(std::io::stderr().is_terminal());
     let _ = if json {
         builder
             .json()

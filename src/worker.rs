@@ -27,6 +27,7 @@ use crate::lease::{LeaseLoop, LeaseLoopOptions};
 use crate::metrics::Metrics;
 use crate::pubsub::{Connection, ConnectionError, DataPlane};
 use crate::puller::{Activity, MAX_PULL, Puller, pull_loops};
+use crate::results::Results;
 
 /// How long one Pull long-polls; shutdown waits at most this for it.
 const PULL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -79,6 +80,13 @@ pub async fn run_with(
     let dead_letters = DeadLetters {
         publisher: conn.publisher(&config.pubsub.dead_letter_topic).await?,
     };
+    let results = Results {
+        publisher: match config.pubsub.results_topic.as_str() {
+            "" => None,
+            topic => Some(conn.publisher(topic).await?),
+        },
+    };
+    let worker_name = worker_name(&env);
     let stop_pulling = CancellationToken::new();
     let stop_handlers = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -134,6 +142,9 @@ pub async fn run_with(
                 metrics: metrics.clone(),
                 stop: stop_handlers.clone(),
                 kill_grace: config.shutdown.kill_grace,
+                results: results.clone(),
+                worker: worker_name.clone(),
+                background: tracker.clone(),
             },
             tracker: tracker.clone(),
             metrics: metrics.clone(),
@@ -177,6 +188,18 @@ pub async fn run_with(
     while lease_loops.join_next().await.is_some() {}
     tracing::info!("worker stopped");
     Ok(())
+}
+
+/// The pod name (HOSTNAME on Kubernetes), else the host name.
+fn worker_name(env: &Environment) -> String {
+    env.get("HOSTNAME")
+        .map(str::to_string)
+        .or_else(|| {
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+        })
+        .unwrap_or_else(|| "leasehold".to_string())
 }
 
 /// Completes once nothing ran and nothing was pulled for `idle`; never
