@@ -58,6 +58,11 @@ impl Emulator {
     /// Its output goes to `log` (or is discarded).
     pub fn start(log: Option<PathBuf>) -> Result<Emulator, EmulatorError> {
         let port = free_port().map_err(|e| EmulatorError::Spawn(e.to_string()))?;
+        Emulator::start_on(port, log)
+    }
+
+    /// Starts an emulator on a given loopback port (e.g. to restart one).
+    pub fn start_on(port: u16, log: Option<PathBuf>) -> Result<Emulator, EmulatorError> {
         let host = format!("127.0.0.1:{port}");
         let mut command = match launcher() {
             Some(path) => {

@@ -2,11 +2,12 @@
 //! sequence, as one function that any future can stop.
 //!
 //! Shutdown, in order:
-//! 1. stop pulling: each pull loop lets its outstanding Pull answer and
-//!    releases (deadline 0) whatever that brings;
+//! 1. stop pulling: each pull loop lets its outstanding Pull answer (at most
+//!    5 s) and releases (deadline 0) whatever that brings;
 //! 2. running tasks may finish within `shutdown.grace`, their leases still
 //!    extended;
-//! 3. then the handlers' process groups get SIGTERM, SIGKILL after
+//! 3. then (and not before our own Pulls ended, so a release is not pulled
+//!    straight back by this pod) the handlers' process groups get SIGTERM, SIGKILL after
 //!    `shutdown.kill_grace`, and their messages are released at once so
 //!    another pod starts them now, not after the ack deadline;
 //! 4. the lease loops flush pending acks and releases, and the worker returns.
@@ -165,14 +166,13 @@ pub async fn run_with(
     }
 
     // 1. Stop pulling; 2. let tasks finish within the grace period.
+    let grace_ends = tokio::time::Instant::now() + config.shutdown.grace;
     stop_pulling.cancel();
-    let drained = async {
-        while pullers.join_next().await.is_some() {}
-        tracker.close();
-        tracker.wait().await;
-    };
-    tokio::pin!(drained);
-    if tokio::time::timeout(config.shutdown.grace, &mut drained)
+    // Our own Pulls end first (within PULL_TIMEOUT), so a message released
+    // below goes to another pod instead of into one of our outstanding Pulls.
+    while pullers.join_next().await.is_some() {}
+    tracker.close();
+    if tokio::time::timeout_at(grace_ends, tracker.wait())
         .await
         .is_err()
     {
@@ -181,7 +181,7 @@ pub async fn run_with(
             grace = %humantime::format_duration(config.shutdown.grace),
             "grace period over; stopping the running handlers and releasing their messages");
         stop_handlers.cancel();
-        drained.await;
+        tracker.wait().await;
     }
     // 4. The pullers and tasks held the last lease handles: the loops now
     // flush and end.

@@ -49,11 +49,18 @@ pub struct World {
     pub config: Config,
     pub env: Environment,
     pub conn: Connection,
+    /// The emulator this world lives on.
+    pub host: String,
 }
 
 impl World {
     /// Writes a config of unique names plus `extra` TOML, and runs setup.
     pub async fn new(name: &str, extra: &str) -> World {
+        World::new_on(&emulator_host(), name, extra).await
+    }
+
+    /// [`World::new`] on a given emulator.
+    pub async fn new_on(host: &str, name: &str, extra: &str) -> World {
         let dir = tempfile::tempdir().unwrap();
         let id = unique(name);
         let toml = format!(
@@ -84,20 +91,27 @@ listen = "127.0.0.1:0"
         let layer = dir.path().join("test.toml");
         std::fs::write(&layer, extra).unwrap();
         let config_paths = vec![base, layer];
-        let env = Environment::from_pairs([("PUBSUB_EMULATOR_HOST", emulator_host())]);
+        let env = Environment::from_pairs([("PUBSUB_EMULATOR_HOST", host)]);
         let config =
             Config::load(&config_paths, &env).unwrap_or_else(|e| panic!("test config: {e}"));
         let conn = Connection::new(&config.pubsub, &env).unwrap();
-        leasehold::pubsub::admin::setup(&conn, &config)
-            .await
-            .expect("setup on the emulator");
-        World {
+        let world = World {
             dir,
             config_paths,
             config,
             env,
             conn,
-        }
+            host: host.to_string(),
+        };
+        world.setup().await;
+        world
+    }
+
+    /// Runs setup (again).
+    pub async fn setup(&self) {
+        leasehold::pubsub::admin::setup(&self.conn, &self.config)
+            .await
+            .expect("setup on the emulator");
     }
 
     /// `--config FILE` for each layer, for the binary.
@@ -156,7 +170,7 @@ listen = "127.0.0.1:0"
             .arg("run")
             .args(self.config_args())
             .args(extra_args)
-            .env("PUBSUB_EMULATOR_HOST", emulator_host())
+            .env("PUBSUB_EMULATOR_HOST", &self.host)
             .env("WORKER_NAME", name)
             .env("RUST_LOG", "info")
             .env_remove("LEASEHOLD_LOG_FORMAT")
