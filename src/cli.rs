@@ -212,7 +212,7 @@ async fn run_command(command: Command, env: Environment) -> Result<(), ExitCode>
             crate::worker::run(config, env, options, shutdown_signal())
                 .await
                 .map_err(|e| match e {
-                    WorkerError::Executor(e) => {
+                    e @ (WorkerError::Executor(_) | WorkerError::Listen { .. }) => {
                         eprintln!("leasehold: {e}");
                         ExitCode::from(EXIT_CONFIG as u8)
                     }

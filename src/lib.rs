@@ -18,7 +18,7 @@
 //! - [`disposition`]: ack, retry with backoff, dead-letter, release.
 //! - [`results`]: result events on the results topic.
 //! - [`worker`]: all of the above plus the shutdown sequence.
-//! - [`metrics`], [`telemetry`]: Prometheus metrics and logs.
+//! - [`metrics`], [`telemetry`], [`http`]: Prometheus metrics, logs, probes.
 //! - [`emulator`], [`dev`]: the local Pub/Sub emulator and `leasehold dev`.
 //! - [`cli`]: the command line.
 
@@ -33,6 +33,7 @@ pub mod disposition;
 pub mod emulator;
 pub mod executor;
 pub mod handler;
+pub mod http;
 pub mod lease;
 pub mod metrics;
 pub mod pubsub;

@@ -14,6 +14,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::task::JoinSet;
@@ -24,6 +25,7 @@ use crate::config::{Config, Environment};
 use crate::dispatch::{DeadLetters, Dispatcher};
 use crate::executor::{Executor, ExecutorError};
 use crate::handler::HandlerRegistry;
+use crate::http::Health;
 use crate::lease::{LeaseLoop, LeaseLoopOptions};
 use crate::metrics::Metrics;
 use crate::pubsub::{Connection, ConnectionError, DataPlane};
@@ -51,6 +53,14 @@ pub enum WorkerError {
     /// An executor could not be built (e.g. no GPU found).
     #[error(transparent)]
     Executor(#[from] ExecutorError),
+    /// `http.listen` could not be bound.
+    #[error("cannot listen on http.listen {addr}: {source}")]
+    Listen {
+        /// The configured address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 /// Runs the worker until `shutdown` completes (or Job mode finds it idle),
@@ -95,6 +105,20 @@ pub async fn run_with(
     for class in config.enabled_classes() {
         executors.push(Arc::new(Executor::new(class, &config, &env)?));
     }
+    let health = Arc::new(Health::default());
+    let stop_http = CancellationToken::new();
+    let addr = crate::http::serve(
+        config.http.listen,
+        metrics.clone(),
+        health.clone(),
+        stop_http.clone(),
+    )
+    .await
+    .map_err(|source| WorkerError::Listen {
+        addr: config.http.listen,
+        source,
+    })?;
+    tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
 
     let mut pullers = JoinSet::new();
     let mut lease_loops = JoinSet::new();
@@ -128,6 +152,11 @@ pub async fn run_with(
         let loops = pull_loops(executor.slots);
         let activity = Arc::new(Activity::new());
         activities.push(activity.clone());
+        health
+            .activities
+            .lock()
+            .expect("health lock")
+            .push(activity.clone());
         let puller = Arc::new(Puller {
             max_per_pull: executor.slots.div_ceil(loops).clamp(1, MAX_PULL),
             executor: executor.clone(),
@@ -160,10 +189,30 @@ pub async fn run_with(
     }
 
     let idle = wait_idle(options.exit_when_idle, &tracker, &activities);
-    tokio::select! {
-        _ = shutdown => tracing::info!("shutdown requested; no new tasks will be pulled"),
-        _ = idle => tracing::info!("idle for the --exit-when-idle period; stopping"),
+    tokio::pin!(idle, shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => {
+                tracing::info!("shutdown requested; no new tasks will be pulled");
+                break;
+            }
+            _ = &mut idle => {
+                tracing::info!("idle for the --exit-when-idle period; stopping");
+                break;
+            }
+            // Pull loops and lease loops run until shutdown; one ending
+            // now is a bug: say so, and fail liveness so the pod restarts.
+            Some(_) = pullers.join_next() => {
+                tracing::error!("a pull loop ended unexpectedly");
+                health.broken.store(true, Ordering::Relaxed);
+            }
+            Some(_) = lease_loops.join_next() => {
+                tracing::error!("a lease loop ended unexpectedly");
+                health.broken.store(true, Ordering::Relaxed);
+            }
+        }
     }
+    health.stopping.store(true, Ordering::Relaxed);
 
     // 1. Stop pulling; 2. let tasks finish within the grace period.
     let grace_ends = tokio::time::Instant::now() + config.shutdown.grace;
@@ -186,6 +235,7 @@ pub async fn run_with(
     // 4. The pullers and tasks held the last lease handles: the loops now
     // flush and end.
     while lease_loops.join_next().await.is_some() {}
+    stop_http.cancel();
     tracing::info!("worker stopped");
     Ok(())
 }

@@ -364,13 +364,35 @@ async fn the_worker_survives_an_emulator_restart() {
     })
     .await;
 
+    let http = worker.http_addr().await;
+    let ready = |want: u16| {
+        let http = http.clone();
+        move || http_get(&http, "/readyz").map(|(s, _)| s).unwrap_or(0) == want
+    };
+    eventually(
+        Duration::from_secs(10),
+        "ready while Pub/Sub answers",
+        ready(200),
+    )
+    .await;
+
     tokio::task::spawn_blocking(move || drop(emulator))
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    eventually(
+        Duration::from_secs(20),
+        "not ready without Pub/Sub",
+        ready(503),
+    )
+    .await;
     assert!(
         worker.wait_timeout(Duration::from_millis(10)).is_none(),
         "alive without Pub/Sub"
+    );
+    assert_eq!(
+        http_get(&http, "/healthz").unwrap().0,
+        200,
+        "alive, just not ready"
     );
     let emulator = tokio::task::spawn_blocking(move || Emulator::start_on(port, None))
         .await
@@ -387,6 +409,7 @@ async fn the_worker_survives_an_emulator_restart() {
             .any(|e| e.what == "end" && e.task == "after")
     })
     .await;
+    eventually(Duration::from_secs(20), "ready again", ready(200)).await;
     let log = worker.log();
     assert!(log.contains("pull failed; retrying"), "{log}");
     assert!(

@@ -312,3 +312,62 @@ pub fn events(log: &Path) -> Vec<Event> {
         })
         .collect()
 }
+
+impl WorkerProcess {
+    /// The address of /metrics, /healthz and /readyz, read from the log.
+    pub async fn http_addr(&self) -> String {
+        let mut found = String::new();
+        eventually(
+            Duration::from_secs(20),
+            "the HTTP address in the log",
+            || {
+                let log = self.log();
+                match log
+                    .lines()
+                    .find(|l| l.contains("serving /metrics"))
+                    .and_then(|l| l.split("addr=").nth(1))
+                {
+                    Some(a) => {
+                        found = a.trim().to_string();
+                        true
+                    }
+                    None => false,
+                }
+            },
+        )
+        .await;
+        found
+    }
+}
+
+/// A plain HTTP/1.1 GET: (status code, body).
+pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// The value of one sample in a Prometheus text scrape (labels as written, sorted by name).
+pub fn sample(scrape: &str, series: &str) -> Option<f64> {
+    scrape
+        .lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}

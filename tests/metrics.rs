@@ -1,0 +1,102 @@
+//! /metrics, /healthz and /readyz of a worker that ran real tasks.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn counters_move_as_tasks_run_and_leases_return_to_zero() {
+    let runs = tempfile::NamedTempFile::new().unwrap();
+    let extra = format!(
+        "[executors.cpu]\nslots = 3\n{}[handlers.broken]\nexecutor = \"cpu\"\ncommand = [\"/bin/sh\", \"-c\", \"exit 65\"]\npermanent_exit_codes = [65]\n",
+        recording_handler("job", runs.path(), "cpu")
+    );
+    let world = World::new("metrics", &extra).await;
+    let worker = world.spawn_worker("w1", &[]);
+    let http = worker.http_addr().await;
+    let (status, body) = http_get(&http, "/metrics").unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(
+        sample(&body, "leasehold_executor_slots{executor=\"cpu\"}"),
+        Some(3.0)
+    );
+    assert_eq!(
+        sample(&body, "leasehold_tasks_in_progress{executor=\"cpu\"}"),
+        Some(0.0)
+    );
+    assert!(body.contains("leasehold_build_info{version=\""), "{body}");
+
+    world
+        .publish(&[
+            task("job", "a", r#"{"seconds": 1}"#),
+            task("job", "b", r#"{"seconds": 1}"#),
+            task("broken", "c", "{}"),
+        ])
+        .await;
+    eventually(Duration::from_secs(30), "two ends", || {
+        events(runs.path())
+            .iter()
+            .filter(|e| e.what == "end")
+            .count()
+            == 2
+    })
+    .await;
+    let sub = &world.config.executors.cpu.subscription;
+    let mut body = String::new();
+    eventually(Duration::from_secs(10), "the counters", || {
+        body = http_get(&http, "/metrics").unwrap().1;
+        sample(&body, "leasehold_tasks_finished_total{executor=\"cpu\",kind=\"broken\",outcome=\"dead_lettered\"}")
+            == Some(1.0)
+            && sample(&body, "leasehold_tasks_finished_total{executor=\"cpu\",kind=\"job\",outcome=\"succeeded\"}")
+                == Some(2.0)
+            && sample(&body, &format!("leasehold_leases_held{{subscription=\"{sub}\"}}")) == Some(0.0)
+    })
+    .await;
+    assert_eq!(
+        sample(
+            &body,
+            &format!("leasehold_messages_pulled_total{{subscription=\"{sub}\"}}")
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        sample(
+            &body,
+            "leasehold_tasks_started_total{executor=\"cpu\",kind=\"job\"}"
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(
+            &body,
+            "leasehold_task_duration_seconds_count{executor=\"cpu\",kind=\"job\",outcome=\"succeeded\"}"
+        ),
+        Some(2.0)
+    );
+    let sum = sample(
+        &body,
+        "leasehold_task_duration_seconds_sum{executor=\"cpu\",kind=\"job\",outcome=\"succeeded\"}",
+    )
+    .unwrap();
+    assert!(sum >= 2.0, "two 1 s tasks: {sum}");
+    assert!(
+        body.contains("leasehold_task_duration_seconds_bucket{executor=\"cpu\",kind=\"job\",outcome=\"succeeded\",le=\"86400\"} 2"),
+        "buckets reach 24 h"
+    );
+    assert_eq!(
+        sample(
+            &body,
+            "leasehold_task_queue_wait_seconds_count{executor=\"cpu\",kind=\"job\"}"
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(&body, "leasehold_tasks_in_progress{executor=\"cpu\"}"),
+        Some(0.0)
+    );
+    assert_eq!(http_get(&http, "/healthz").unwrap().0, 200);
+    assert_eq!(http_get(&http, "/readyz").unwrap().0, 200);
+    assert!(!body.contains("task_id"), "no unbounded labels");
+}
