@@ -24,7 +24,7 @@ fn handler(kind: &str, script: &str, extra: &str) -> String {
 /// Collects messages from a subscription until `n` arrived (or 30 s passed), acking them.
 async fn collect(world: &World, subscription: &str, n: usize) -> Vec<ReceivedMessage> {
     let mut got = Vec::new();
-    let start = std::time::Instant::now();
+    let start = tokio::time::Instant::now();
     while got.len() < n && start.elapsed() < Duration::from_secs(30) {
         let batch = world.pull_for(subscription, Duration::from_secs(1)).await;
         if !batch.is_empty() {
@@ -236,7 +236,7 @@ async fn sigterm_past_grace_releases_the_task_to_another_worker_at_once() {
         !events(runs.path()).is_empty()
     })
     .await;
-    let t0 = std::time::Instant::now();
+    let t0 = tokio::time::Instant::now();
     first.signal(Signal::SIGTERM);
     let status = first
         .wait_timeout(Duration::from_secs(15))

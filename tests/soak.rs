@@ -6,7 +6,9 @@
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use leasehold::pubsub::DataPlane;
 use nix::sys::signal::Signal;
