@@ -257,15 +257,15 @@ pub fn describe(config: &Config, env: &Environment) -> Result<String, String> {
             out.push_str(&format!("# {class}: disabled\n"));
             continue;
         }
-        let ex = crate::executor::Executor::new(class, config, env).map_err(|e| e.to_string())?;
+        let ex = crate::executor::build(class, config, env).map_err(|e| e.to_string())?;
         let kinds: Vec<String> = crate::handler::HandlerRegistry::from_config(config)
             .kinds_of(class)
             .map(str::to_string)
             .collect();
         out.push_str(&format!(
             "# {class}: subscription {}, slots {}{}, kinds [{}]\n",
-            ex.subscription,
-            ex.slots,
+            ex.subscription(),
+            ex.slots(),
             ex.devices()
                 .map(|d| format!(", devices [{}]", d.join(", ")))
                 .unwrap_or_default(),

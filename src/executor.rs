@@ -1,98 +1,47 @@
-//! Executors: a class's capacity. Each enabled class has its own
-//! subscription, its own slots and its own puller, so a busy GPU never blocks
-//! CPU work and the reverse.
+//! Executors: a class's capacity, behind one small trait. Each enabled class
+//! has its own subscription, its own slots and its own puller, so a busy GPU
+//! never blocks CPU work and the reverse.
 //!
 //! A slot is a semaphore permit, acquired *before* pulling (so a worker never
-//! holds a message it cannot start) and moved into the task; on the GPU
-//! executor it also carries the one device the task may see.
+//! holds a message it cannot start) and moved into the task as a [`Slot`]; on
+//! the GPU executor the slot also carries the one device the task may see.
+//! A new executor class is one more implementation of [`Executor`].
 
+pub mod cpu;
+pub mod discovery;
 pub mod gpu;
 
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::{Config, Environment, ExecutorClass};
 
-/// The executor of one class.
-#[derive(Debug)]
-pub struct Executor {
-    /// Which class.
-    pub class: ExecutorClass,
+pub use cpu::CpuExecutor;
+pub use gpu::GpuExecutor;
+
+/// What the puller and dispatcher need of an executor.
+pub trait Executor: Send + Sync + std::fmt::Debug {
+    /// Which class it serves.
+    fn class(&self) -> ExecutorClass;
     /// Its subscription id.
-    pub subscription: String,
+    fn subscription(&self) -> &str;
     /// Capacity: tasks at once.
-    pub slots: usize,
-    /// Free slots.
-    permits: Arc<Semaphore>,
-    /// Free GPU devices (GPU executor only); as many as free permits.
-    devices: Option<Arc<Mutex<Vec<String>>>>,
+    fn slots(&self) -> usize;
+    /// The free-slot permits.
+    fn permits(&self) -> &Arc<Semaphore>;
+    /// Turns a permit into a running task's slot.
+    fn slot(&self, permit: OwnedSemaphorePermit) -> Slot;
+    /// The devices it pins tasks to, if any (for logs and check-config).
+    fn devices(&self) -> Option<Vec<String>> {
+        None
+    }
 }
 
-/// A failure that keeps the worker from starting.
-#[derive(Debug, thiserror::Error)]
-pub enum ExecutorError {
-    /// GPU discovery found nothing.
-    #[error(transparent)]
-    Gpu(#[from] gpu::DiscoveryError),
-}
-
-impl Executor {
-    /// Builds the executor of `class` (GPU devices are discovered here).
-    pub fn new(
-        class: ExecutorClass,
-        config: &Config,
-        env: &Environment,
-    ) -> Result<Executor, ExecutorError> {
-        let subscription = config.topic_and_subscription(class).1.to_string();
-        Ok(match class {
-            ExecutorClass::Cpu => {
-                let slots = match config.executors.cpu.slots {
-                    0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-                    n => n,
-                };
-                Executor::with_slots(class, subscription, slots, None)
-            }
-            ExecutorClass::Gpu => {
-                let devices = gpu::resolve(&config.executors.gpu.devices, env)?;
-                Executor::with_slots(class, subscription, devices.len(), Some(devices))
-            }
-        })
-    }
-
-    /// An executor with explicit capacity (tests, benchmarks).
-    pub fn with_slots(
-        class: ExecutorClass,
-        subscription: String,
-        slots: usize,
-        devices: Option<Vec<String>>,
-    ) -> Executor {
-        // Devices are handed out from the end; reverse so "0" goes first.
-        let devices = devices.map(|mut d| {
-            d.reverse();
-            Arc::new(Mutex::new(d))
-        });
-        Executor {
-            class,
-            subscription,
-            slots,
-            permits: Arc::new(Semaphore::new(slots)),
-            devices,
-        }
-    }
-
-    /// The devices of a GPU executor (in order), none for CPU.
-    pub fn devices(&self) -> Option<Vec<String>> {
-        self.devices.as_ref().map(|d| {
-            let mut list = d.lock().expect("device pool lock").clone();
-            list.reverse();
-            list
-        })
-    }
-
+impl dyn Executor {
     /// Waits for one free slot's permit.
     pub async fn acquire(&self) -> OwnedSemaphorePermit {
-        self.permits
+        self.permits()
             .clone()
             .acquire_owned()
             .await
@@ -101,31 +50,44 @@ impl Executor {
 
     /// Another free permit, if one is free now.
     pub fn try_acquire(&self) -> Option<OwnedSemaphorePermit> {
-        match self.permits.clone().try_acquire_owned() {
-            Ok(p) => Some(p),
-            Err(TryAcquireError::NoPermits) | Err(TryAcquireError::Closed) => None,
-        }
+        self.permits().clone().try_acquire_owned().ok()
     }
 
     /// Slots free now.
     pub fn free_slots(&self) -> usize {
-        self.permits.available_permits()
+        self.permits().available_permits()
     }
+}
 
-    /// Turns a permit into a slot, taking a device on the GPU executor.
-    pub fn slot(&self, permit: OwnedSemaphorePermit) -> Slot {
-        let device = self.devices.as_ref().map(|pool| {
-            pool.lock()
-                .expect("device pool lock")
-                .pop()
-                .expect("a permit always has a free device")
-        });
-        Slot {
-            device,
-            pool: self.devices.clone(),
-            _permit: permit,
+/// A failure that keeps the worker from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecutorError {
+    /// GPU discovery found nothing.
+    #[error(transparent)]
+    Gpu(#[from] discovery::DiscoveryError),
+}
+
+/// Builds the executor of `class` from the configuration (GPU devices are
+/// discovered here).
+pub fn build(
+    class: ExecutorClass,
+    config: &Config,
+    env: &Environment,
+) -> Result<Arc<dyn Executor>, ExecutorError> {
+    let subscription = config.topic_and_subscription(class).1.to_string();
+    Ok(match class {
+        ExecutorClass::Cpu => {
+            let slots = match config.executors.cpu.slots {
+                0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+                n => n,
+            };
+            Arc::new(CpuExecutor::new(subscription, slots))
         }
-    }
+        ExecutorClass::Gpu => {
+            let devices = discovery::resolve(&config.executors.gpu.devices, env)?;
+            Arc::new(GpuExecutor::new(subscription, devices))
+        }
+    })
 }
 
 /// A running task's share of an executor. Dropping it frees the slot (and
@@ -138,6 +100,28 @@ pub struct Slot {
 }
 
 impl Slot {
+    /// A slot with no device.
+    pub fn plain(permit: OwnedSemaphorePermit) -> Slot {
+        Slot {
+            device: None,
+            pool: None,
+            _permit: permit,
+        }
+    }
+
+    /// A slot holding `device`, returned to `pool` on drop.
+    pub fn with_device(
+        permit: OwnedSemaphorePermit,
+        device: String,
+        pool: Arc<Mutex<Vec<String>>>,
+    ) -> Slot {
+        Slot {
+            device: Some(device),
+            pool: Some(pool),
+            _permit: permit,
+        }
+    }
+
     /// The GPU device this task holds, if any.
     pub fn device(&self) -> Option<&str> {
         self.device.as_deref()
@@ -161,51 +145,5 @@ impl Drop for Slot {
         if let (Some(device), Some(pool)) = (self.device.take(), &self.pool) {
             pool.lock().expect("device pool lock").push(device);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn gpu(devices: &[&str]) -> Executor {
-        Executor::with_slots(
-            ExecutorClass::Gpu,
-            "s".into(),
-            devices.len(),
-            Some(devices.iter().map(|d| d.to_string()).collect()),
-        )
-    }
-
-    #[tokio::test]
-    async fn a_device_is_never_given_twice_and_comes_back_on_drop() {
-        let ex = gpu(&["0", "1"]);
-        let a = ex.slot(ex.acquire().await);
-        let b = ex.slot(ex.try_acquire().unwrap());
-        assert_eq!(a.device(), Some("0"));
-        assert_eq!(b.device(), Some("1"));
-        assert!(ex.try_acquire().is_none(), "two devices, two slots");
-        assert_eq!(
-            a.env(),
-            vec![
-                ("CUDA_VISIBLE_DEVICES".to_string(), "0".to_string()),
-                ("NVIDIA_VISIBLE_DEVICES".to_string(), "0".to_string())
-            ]
-        );
-        drop(a);
-        let c = ex.slot(ex.try_acquire().unwrap());
-        assert_eq!(c.device(), Some("0"));
-        assert_ne!(c.device(), b.device());
-    }
-
-    #[tokio::test]
-    async fn cpu_slots_carry_no_device() {
-        let ex = Executor::with_slots(ExecutorClass::Cpu, "s".into(), 3, None);
-        let s = ex.slot(ex.acquire().await);
-        assert_eq!(s.device(), None);
-        assert!(s.env().is_empty());
-        assert_eq!(ex.free_slots(), 2);
-        drop(s);
-        assert_eq!(ex.free_slots(), 3);
     }
 }

@@ -25,7 +25,7 @@ pub const MAX_PULL: usize = 1_000;
 /// Shared state of an executor's pull loops.
 pub struct Puller {
     /// Slots (and devices) of the executor.
-    pub executor: Arc<Executor>,
+    pub executor: Arc<dyn Executor>,
     /// Pull RPCs.
     pub data_plane: Arc<dyn DataPlane>,
     /// Full subscription path.
@@ -82,7 +82,7 @@ pub fn pull_loops(slots: usize) -> usize {
 impl Puller {
     /// One pull loop; returns after `stop` once its last Pull answered.
     pub async fn run(self: Arc<Self>) {
-        let label = self.executor.subscription.clone();
+        let label = self.executor.subscription().to_string();
         let mut backoff = Duration::from_millis(100);
         loop {
             let first = tokio::select! {

@@ -23,7 +23,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, Environment};
 use crate::dispatch::{DeadLetters, Dispatcher};
-use crate::executor::{Executor, ExecutorError};
+use crate::executor::ExecutorError;
 use crate::handler::HandlerRegistry;
 use crate::http::Health;
 use crate::lease::{LeaseLoop, LeaseLoopOptions};
@@ -103,7 +103,7 @@ pub async fn run_with(
     let tracker = TaskTracker::new();
     let mut executors = Vec::new();
     for class in config.enabled_classes() {
-        executors.push(Arc::new(Executor::new(class, &config, &env)?));
+        executors.push(crate::executor::build(class, &config, &env)?);
     }
     let health = Arc::new(Health::default());
     let stop_http = CancellationToken::new();
@@ -124,12 +124,12 @@ pub async fn run_with(
     let mut lease_loops = JoinSet::new();
     let mut activities = Vec::new();
     for executor in executors {
-        let class = executor.class;
-        let subscription_path = conn.subscription_path(&executor.subscription);
+        let class = executor.class();
+        let subscription_path = conn.subscription_path(executor.subscription());
         metrics
             .executor_slots
             .with_label_values(&[class.as_str()])
-            .set(executor.slots as i64);
+            .set(executor.slots() as i64);
         metrics
             .tasks_in_progress
             .with_label_values(&[class.as_str()])
@@ -138,7 +138,7 @@ pub async fn run_with(
             data_plane.clone(),
             LeaseLoopOptions {
                 subscription: subscription_path.clone(),
-                label: executor.subscription.clone(),
+                label: executor.subscription().to_string(),
                 first_deadline: config.pubsub.ack_deadline.min(Duration::from_secs(10)),
                 extension: config.lease.extension,
                 max_lease: config.lease.max_lease,
@@ -149,7 +149,7 @@ pub async fn run_with(
         lease_loops.spawn(async move {
             let _ = lease_task.await;
         });
-        let loops = pull_loops(executor.slots);
+        let loops = pull_loops(executor.slots());
         let activity = Arc::new(Activity::new());
         activities.push(activity.clone());
         health
@@ -158,13 +158,13 @@ pub async fn run_with(
             .expect("health lock")
             .push(activity.clone());
         let puller = Arc::new(Puller {
-            max_per_pull: executor.slots.div_ceil(loops).clamp(1, MAX_PULL),
+            max_per_pull: executor.slots().div_ceil(loops).clamp(1, MAX_PULL),
             executor: executor.clone(),
             data_plane: data_plane.clone(),
             subscription_path,
             dispatcher: Dispatcher {
                 class,
-                subscription: executor.subscription.clone(),
+                subscription: executor.subscription().to_string(),
                 registry: registry.clone(),
                 lease,
                 dead_letters: dead_letters.clone(),
@@ -181,8 +181,8 @@ pub async fn run_with(
             stop: stop_pulling.clone(),
             activity,
         });
-        tracing::info!(executor = %class, subscription = %executor.subscription,
-            slots = executor.slots, devices = ?executor.devices(), "executor started");
+        tracing::info!(executor = %class, subscription = %executor.subscription(),
+            slots = executor.slots(), devices = ?executor.devices(), "executor started");
         for _ in 0..loops {
             pullers.spawn(puller.clone().run());
         }
