@@ -410,6 +410,13 @@ async fn the_worker_survives_an_emulator_restart() {
     })
     .await;
     eventually(Duration::from_secs(20), "ready again", ready(200)).await;
+    // The task held through the outage runs to its end.
+    eventually(Duration::from_secs(20), "the held task to end", || {
+        events(runs.path())
+            .iter()
+            .any(|e| e.what == "end" && e.task == "before")
+    })
+    .await;
     let log = worker.log();
     assert!(log.contains("pull failed; retrying"), "{log}");
     assert!(
