@@ -100,3 +100,44 @@ async fn counters_move_as_tasks_run_and_leases_return_to_zero() {
     assert_eq!(http_get(&http, "/readyz").unwrap().0, 200);
     assert!(!body.contains("task_id"), "no unbounded labels");
 }
+
+/// `LEASEHOLD_LOG_FORMAT=json`: one JSON object per line with Cloud Logging's
+/// `severity` and `message`, and the task's fields on every line about it,
+/// the handler's own output included.
+#[tokio::test(flavor = "multi_thread")]
+async fn json_logs_carry_severity_message_and_task_fields() {
+    let extra = "[handlers.talk]\nexecutor = \"cpu\"\ncommand = [\"/bin/sh\", \"-c\", \"echo hello from the handler; echo oops >&2; exit 1\"]\n\
+                 [retry]\nmax_attempts = 1\nmin_backoff = \"1s\"\nmax_backoff = \"1s\"\n";
+    let world = World::new("jsonlog", extra).await;
+    let worker = world.spawn_worker_env("w1", &[], &[("LEASEHOLD_LOG_FORMAT", "json")]);
+    world.publish(&[task("talk", "j-1", "{}")]).await;
+    eventually(Duration::from_secs(20), "the task's dead-letter line", || {
+        worker.log().contains("dead-lettering")
+    })
+    .await;
+    let lines: Vec<serde_json::Value> = worker
+        .log()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(lines.iter().all(|l| l["severity"].is_string() && l["message"].is_string()));
+    let about_task: Vec<&serde_json::Value> =
+        lines.iter().filter(|l| l["task_id"] == "j-1").collect();
+    assert!(about_task.len() >= 4, "{lines:?}");
+    for l in &about_task {
+        assert_eq!(l["kind"], "talk", "{l}");
+        assert_eq!(l["executor"], "cpu", "{l}");
+        assert_eq!(l["attempt"], 1, "{l}");
+    }
+    let said = about_task
+        .iter()
+        .find(|l| l["message"] == "hello from the handler")
+        .expect("the handler's stdout line");
+    assert_eq!(said["stream"], "stdout");
+    assert_eq!(said["severity"], "INFO");
+    let failed = about_task
+        .iter()
+        .find(|l| l["message"].as_str().unwrap().contains("dead-lettering"))
+        .unwrap();
+    assert_eq!(failed["severity"], "ERROR");
+}

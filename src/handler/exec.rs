@@ -15,6 +15,7 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
+use tracing::Instrument;
 
 use crate::handler::{Failure, Outcome, RunContext};
 use crate::task::Task;
@@ -121,13 +122,15 @@ impl ExecHandler {
                 // Dropping stdin closes it: the handler sees end of input.
             });
         }
+        // In the task's span, so each forwarded line carries the task's fields.
+        let span = tracing::Span::current();
         let stdout = child.stdout.take().map(|s| {
             let id = task.task_id.clone();
-            tokio::spawn(forward_lines(s, id, "stdout", 0))
+            tokio::spawn(forward_lines(s, id, "stdout", 0).instrument(span.clone()))
         });
         let stderr = child.stderr.take().map(|s| {
             let id = task.task_id.clone();
-            tokio::spawn(forward_lines(s, id, "stderr", STDERR_TAIL_BYTES))
+            tokio::spawn(forward_lines(s, id, "stderr", STDERR_TAIL_BYTES).instrument(span.clone()))
         });
 
         let timeout = self.timeout.unwrap_or(Duration::MAX);

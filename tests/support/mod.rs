@@ -164,6 +164,16 @@ listen = "127.0.0.1:0"
 
     /// Starts `leasehold run` with this world's config.
     pub fn spawn_worker(&self, name: &str, extra_args: &[&str]) -> WorkerProcess {
+        self.spawn_worker_env(name, extra_args, &[])
+    }
+
+    /// [`World::spawn_worker`] with extra environment variables.
+    pub fn spawn_worker_env(
+        &self,
+        name: &str,
+        extra_args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> WorkerProcess {
         let log = self.path(&format!("{name}.log"));
         let file = std::fs::File::create(&log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_leasehold"))
@@ -174,6 +184,7 @@ listen = "127.0.0.1:0"
             .env("WORKER_NAME", name)
             .env("RUST_LOG", "info")
             .env_remove("LEASEHOLD_LOG_FORMAT")
+            .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .stdout(file.try_clone().unwrap())
             .stderr(file)
