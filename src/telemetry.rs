@@ -72,7 +72,9 @@ where
         }
         let mut visitor = JsonVisitor(&mut object);
         event.record(&mut visitor);
-        let message = object.remove("message").unwrap_or(Value::String(String::new()));
+        let message = object
+            .remove("message")
+            .unwrap_or(Value::String(String::new()));
         let meta = event.metadata();
         let mut line = Map::new();
         line.insert("severity".into(), severity(meta.level()).into());

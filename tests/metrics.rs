@@ -111,16 +111,22 @@ async fn json_logs_carry_severity_message_and_task_fields() {
     let world = World::new("jsonlog", extra).await;
     let worker = world.spawn_worker_env("w1", &[], &[("LEASEHOLD_LOG_FORMAT", "json")]);
     world.publish(&[task("talk", "j-1", "{}")]).await;
-    eventually(Duration::from_secs(20), "the task's dead-letter line", || {
-        worker.log().contains("dead-lettering")
-    })
+    eventually(
+        Duration::from_secs(20),
+        "the task's dead-letter line",
+        || worker.log().contains("dead-lettering"),
+    )
     .await;
     let lines: Vec<serde_json::Value> = worker
         .log()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
         .collect();
-    assert!(lines.iter().all(|l| l["severity"].is_string() && l["message"].is_string()));
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["severity"].is_string() && l["message"].is_string())
+    );
     let about_task: Vec<&serde_json::Value> =
         lines.iter().filter(|l| l["task_id"] == "j-1").collect();
     assert!(about_task.len() >= 4, "{lines:?}");
