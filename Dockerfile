@@ -10,6 +10,7 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY config config
 COPY src src
+COPY benches benches
 RUN cargo build --release --locked --bin leasehold
 
 FROM debian:bookworm-slim

@@ -268,6 +268,9 @@ impl Dispatcher {
 
     /// Publishes a result event in the background.
     fn emit(&self, event: ResultEvent) {
+        if !self.results.enabled() {
+            return;
+        }
         let results = self.results.clone();
         self.background.spawn(async move {
             if let Err(e) = results.publish(&event).await {

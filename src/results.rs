@@ -50,6 +50,11 @@ pub struct Results {
 }
 
 impl Results {
+    /// Whether events are published at all (`pubsub.results_topic` not empty).
+    pub fn enabled(&self) -> bool {
+        self.publisher.is_some()
+    }
+
     /// Publishes one event; the official publisher retries transient errors.
     /// Returns the error text if it still failed (the caller only logs it).
     pub async fn publish(&self, event: &ResultEvent) -> Result<(), String> {
