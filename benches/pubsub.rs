@@ -73,7 +73,15 @@ impl DataPlane for Recording {
         let start = Instant::now();
         let r = self.inner.pull(sub, max).await;
         let messages = r.as_ref().map_or(0, Vec::len);
-        self.record(Rpc { name: "pull", start, end: Instant::now(), ids: 0, bytes: 0, seconds: 0, messages });
+        self.record(Rpc {
+            name: "pull",
+            start,
+            end: Instant::now(),
+            ids: 0,
+            bytes: 0,
+            seconds: 0,
+            messages,
+        });
         r
     }
     async fn acknowledge(&self, sub: &str, ids: Vec<String>) -> Result<(), RpcError> {
@@ -85,20 +93,42 @@ impl DataPlane for Recording {
         let n = ids.len();
         let start = Instant::now();
         let r = self.inner.acknowledge(sub, ids).await;
-        self.record(Rpc { name: "ack", start, end: Instant::now(), ids: n, bytes, seconds: 0, messages: 0 });
+        self.record(Rpc {
+            name: "ack",
+            start,
+            end: Instant::now(),
+            ids: n,
+            bytes,
+            seconds: 0,
+            messages: 0,
+        });
         r
     }
-    async fn modify_ack_deadline(&self, sub: &str, ids: Vec<String>, seconds: i32) -> Result<(), RpcError> {
-        let bytes = googleapis_tonic_google_pubsub_v1::google::pubsub::v1::ModifyAckDeadlineRequest {
-            subscription: sub.to_string(),
-            ack_ids: ids.clone(),
-            ack_deadline_seconds: seconds,
-        }
-        .encoded_len();
+    async fn modify_ack_deadline(
+        &self,
+        sub: &str,
+        ids: Vec<String>,
+        seconds: i32,
+    ) -> Result<(), RpcError> {
+        let bytes =
+            googleapis_tonic_google_pubsub_v1::google::pubsub::v1::ModifyAckDeadlineRequest {
+                subscription: sub.to_string(),
+                ack_ids: ids.clone(),
+                ack_deadline_seconds: seconds,
+            }
+            .encoded_len();
         let n = ids.len();
         let start = Instant::now();
         let r = self.inner.modify_ack_deadline(sub, ids, seconds).await;
-        self.record(Rpc { name: "modack", start, end: Instant::now(), ids: n, bytes, seconds, messages: 0 });
+        self.record(Rpc {
+            name: "modack",
+            start,
+            end: Instant::now(),
+            ids: n,
+            bytes,
+            seconds,
+            messages: 0,
+        });
         r
     }
 }
@@ -131,7 +161,9 @@ async fn world(host: &str, name: &str, slots: usize, toml_extra: &str) -> World 
     let env = Environment::from_pairs([("PUBSUB_EMULATOR_HOST", host)]);
     let config = Config::load(&[path], &env).unwrap();
     let conn = Connection::new(&config.pubsub, &env).unwrap();
-    leasehold::pubsub::admin::setup(&conn, &config).await.unwrap();
+    leasehold::pubsub::admin::setup(&conn, &config)
+        .await
+        .unwrap();
     World { config, env, conn }
 }
 
@@ -159,7 +191,10 @@ struct Running {
 
 fn start_worker(w: &World) -> Running {
     let recording = Arc::new(Recording {
-        inner: w.conn.data_plane().with_pull_timeout(Duration::from_secs(5)),
+        inner: w
+            .conn
+            .data_plane()
+            .with_pull_timeout(Duration::from_secs(5)),
         rpcs: Mutex::new(Vec::new()),
     });
     let metrics = Metrics::new();
@@ -173,12 +208,20 @@ fn start_worker(w: &World) -> Running {
         stop.clone(),
     );
     let handle = tokio::spawn(async move {
-        let options = RunOptions { metrics: Some(m), ..RunOptions::default() };
+        let options = RunOptions {
+            metrics: Some(m),
+            ..RunOptions::default()
+        };
         leasehold::worker::run_with(config, env, options, conn, dp, s.cancelled_owned())
             .await
             .unwrap();
     });
-    Running { stop, handle, metrics, recording }
+    Running {
+        stop,
+        handle,
+        metrics,
+        recording,
+    }
 }
 
 impl Running {
@@ -190,8 +233,18 @@ impl Running {
 
 /// Seconds from the first non-empty Pull answer to the end of the last Acknowledge.
 fn first_message_to_last_ack(rpcs: &[Rpc]) -> f64 {
-    let first = rpcs.iter().filter(|r| r.name == "pull" && r.messages > 0).map(|r| r.end).min().unwrap();
-    let last = rpcs.iter().filter(|r| r.name == "ack").map(|r| r.end).max().unwrap();
+    let first = rpcs
+        .iter()
+        .filter(|r| r.name == "pull" && r.messages > 0)
+        .map(|r| r.end)
+        .min()
+        .unwrap();
+    let last = rpcs
+        .iter()
+        .filter(|r| r.name == "ack")
+        .map(|r| r.end)
+        .max()
+        .unwrap();
     (last - first).as_secs_f64()
 }
 
@@ -199,19 +252,31 @@ fn acked(rpcs: &[Rpc]) -> usize {
     rpcs.iter().filter(|r| r.name == "ack").map(|r| r.ids).sum()
 }
 
-/// leasehold: N no-op tasks at `slots`; returns tasks/s.
+/// leasehold: N no-op tasks at `slots`; returns tasks/s (and logs the
+/// process CPU it took per 1,000 tasks).
 async fn leasehold_noop(host: &str, n: usize, slots: usize) -> f64 {
     let w = world(host, &format!("lh{slots}"), slots, "").await;
     publish(&w, "noop", "", n).await;
+    let cpu0 = cpu_seconds();
     let run = start_worker(&w);
     let start = Instant::now();
     while acked(&run.recording.rpcs.lock().unwrap()) < n {
-        assert!(start.elapsed() < Duration::from_secs(600), "leasehold did not finish");
+        assert!(
+            start.elapsed() < Duration::from_secs(600),
+            "leasehold did not finish"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    let cpu = cpu_seconds() - cpu0;
     let rpcs = run.recording.take();
     run.stop().await;
-    n as f64 / first_message_to_last_ack(&rpcs)
+    let rate = n as f64 / first_message_to_last_ack(&rpcs);
+    eprintln!(
+        "  leasehold {slots} slots: {rate:.0} tasks/s, {:.1} ms of CPU per 1,000 tasks ({:.0}% of a core while draining)",
+        cpu * 1000.0 / (n as f64 / 1000.0),
+        cpu / (n as f64 / rate) * 100.0
+    );
+    rate
 }
 
 /// The emulator's ceiling: 8 loops of Pull(`per_pull`) + Acknowledge(all).
@@ -220,8 +285,14 @@ async fn leasehold_noop(host: &str, n: usize, slots: usize) -> f64 {
 async fn ceiling(host: &str, n: usize, per_pull: i32) -> f64 {
     let w = world(host, "ceiling", 1, "").await;
     publish(&w, "noop", "", n).await;
-    let dp = Arc::new(w.conn.data_plane().with_pull_timeout(Duration::from_secs(5)));
-    let sub = w.conn.subscription_path(&w.config.executors.cpu.subscription);
+    let dp = Arc::new(
+        w.conn
+            .data_plane()
+            .with_pull_timeout(Duration::from_secs(5)),
+    );
+    let sub = w
+        .conn
+        .subscription_path(&w.config.executors.cpu.subscription);
     let got = Arc::new(Mutex::new((0usize, None::<Instant>, None::<Instant>)));
     let mut loops = Vec::new();
     for _ in 0..8 {
@@ -263,8 +334,18 @@ async fn python(host: &str, n: usize, max_messages: usize) -> Option<f64> {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/python_peer.py");
     let out = tokio::process::Command::new("python3")
         .arg(script)
-        .args(["--project", &w.config.pubsub.project, "--subscription", &w.config.executors.cpu.subscription])
-        .args(["--n", &n.to_string(), "--max-messages", &max_messages.to_string()])
+        .args([
+            "--project",
+            &w.config.pubsub.project,
+            "--subscription",
+            &w.config.executors.cpu.subscription,
+        ])
+        .args([
+            "--n",
+            &n.to_string(),
+            "--max-messages",
+            &max_messages.to_string(),
+        ])
         .env("PUBSUB_EMULATOR_HOST", host)
         .output()
         .await
@@ -273,7 +354,11 @@ async fn python(host: &str, n: usize, max_messages: usize) -> Option<f64> {
     let v: serde_json::Value = match serde_json::from_str(text.trim()) {
         Ok(v) => v,
         Err(_) => {
-            eprintln!("python peer failed: {}{}", text, String::from_utf8_lossy(&out.stderr));
+            eprintln!(
+                "python peer failed: {}{}",
+                text,
+                String::from_utf8_lossy(&out.stderr)
+            );
             return None;
         }
     };
@@ -327,7 +412,11 @@ async fn lease_cost(host: &str, k: usize, window: Duration) -> LeaseCost {
     let held = run.metrics.leases_held.with_label_values(&[&sub]);
     let start = Instant::now();
     while (held.get() as usize) < k {
-        assert!(start.elapsed() < Duration::from_secs(300), "only {} of {k} held", held.get());
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "only {} of {k} held",
+            held.get()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     run.recording.take();
@@ -337,7 +426,12 @@ async fn lease_cost(host: &str, k: usize, window: Duration) -> LeaseCost {
     let cpu = cpu_seconds() - cpu0;
     let elapsed = t0.elapsed().as_secs_f64();
     let rss = rss_mib();
-    let rpcs: Vec<Rpc> = run.recording.take().into_iter().filter(|r| r.name == "modack" && r.seconds > 0).collect();
+    let rpcs: Vec<Rpc> = run
+        .recording
+        .take()
+        .into_iter()
+        .filter(|r| r.name == "modack" && r.seconds > 0)
+        .collect();
     run.stop().await;
     // Rounds: extension calls that started within 50 ms of each other.
     let mut rounds: Vec<Vec<&Rpc>> = Vec::new();
@@ -349,7 +443,10 @@ async fn lease_cost(host: &str, k: usize, window: Duration) -> LeaseCost {
             _ => rounds.push(vec![r]),
         }
     }
-    let full: Vec<&Vec<&Rpc>> = rounds.iter().filter(|r| r.iter().map(|x| x.ids).sum::<usize>() >= k).collect();
+    let full: Vec<&Vec<&Rpc>> = rounds
+        .iter()
+        .filter(|r| r.iter().map(|x| x.ids).sum::<usize>() >= k)
+        .collect();
     let per_round = full.iter().map(|r| r.len() as f64).sum::<f64>() / full.len().max(1) as f64;
     let round_ms = full
         .iter()
@@ -366,17 +463,50 @@ async fn lease_cost(host: &str, k: usize, window: Duration) -> LeaseCost {
     }
 }
 
-/// An idle worker's CPU and memory over `window`.
+/// CPU seconds (user + system) and RSS (MiB) of a process.
+fn proc_usage(pid: u32) -> (f64, f64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let f: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    let cpu = (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / 100.0;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    (cpu, kb / 1024.0)
+}
+
+/// An idle `leasehold run` process (the real binary, 4 slots, nothing to
+/// do): its CPU and memory over `window`.
 async fn idle_cost(host: &str, window: Duration) -> (f64, f64) {
     let w = world(host, "idle", 4, "").await;
-    let run = start_worker(&w);
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let cpu0 = cpu_seconds();
+    let dir = std::env::temp_dir().join(format!("bench-idle-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("idle.toml");
+    std::fs::write(&path, toml::to_string(&w.config).unwrap()).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_leasehold"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .env("PUBSUB_EMULATOR_HOST", host)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (cpu0, _) = proc_usage(child.id());
     let t0 = Instant::now();
     tokio::time::sleep(window).await;
-    let pct = (cpu_seconds() - cpu0) / t0.elapsed().as_secs_f64() * 100.0;
-    let rss = rss_mib();
-    run.stop().await;
+    let (cpu1, rss) = proc_usage(child.id());
+    let pct = (cpu1 - cpu0) / t0.elapsed().as_secs_f64() * 100.0;
+    let _ = child.kill();
+    let _ = child.wait();
     (pct, rss)
 }
 
@@ -403,7 +533,10 @@ async fn bench() {
     let host = match std::env::var("PUBSUB_EMULATOR_HOST") {
         Ok(h) if !h.is_empty() => h,
         _ => {
-            let e = tokio::task::spawn_blocking(|| Emulator::start(None)).await.unwrap().expect("emulator");
+            let e = tokio::task::spawn_blocking(|| Emulator::start(None))
+                .await
+                .unwrap()
+                .expect("emulator");
             let h = e.host().to_string();
             _emulator = e;
             h
@@ -413,6 +546,11 @@ async fn bench() {
     let mut table: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     // BENCH_ONLY=throughput runs only the 256-slot and ceiling scenario (for profiling).
     let only_throughput = std::env::var("BENCH_ONLY").is_ok_and(|v| v == "throughput");
+    if std::env::var("BENCH_ONLY").is_ok_and(|v| v == "idle") {
+        let (cpu, rss) = idle_cost(&host, idle_window).await;
+        eprintln!("  idle: {cpu:.3}% of a core, {rss:.1} MiB");
+        return;
+    }
     if only_throughput {
         for _ in 0..runs {
             let c = ceiling(&host, n, 1000).await;
@@ -425,43 +563,123 @@ async fn bench() {
     for run in 1..=runs {
         eprintln!("run {run}/{runs}");
         let c = ceiling(&host, n, 1000).await;
-        table.entry("1 ceiling: unary Pull(1000)+Ack x 8 loops, msgs/s").or_default().push(c);
+        table
+            .entry("1 ceiling: unary Pull(1000)+Ack x 8 loops, msgs/s")
+            .or_default()
+            .push(c);
         let b = ceiling(&host, n, 32).await;
-        table.entry("1 bounded ceiling: Pull(32)+Ack x 8 loops (256 outstanding), msgs/s").or_default().push(b);
+        table
+            .entry("1 bounded ceiling: Pull(32)+Ack x 8 loops (256 outstanding), msgs/s")
+            .or_default()
+            .push(b);
         let t = leasehold_noop(&host, n, 256).await;
-        table.entry("1 leasehold: 256 slots, tasks/s").or_default().push(t);
+        table
+            .entry("1 leasehold: 256 slots, tasks/s")
+            .or_default()
+            .push(t);
         if let Some(p) = python(&host, n, 0).await {
-            table.entry("1 python streaming pull, default flow control, msgs/s").or_default().push(p);
-            table.entry("1 ratio leasehold / python").or_default().push(t / p);
+            table
+                .entry("1 python streaming pull, default flow control, msgs/s")
+                .or_default()
+                .push(p);
+            table
+                .entry("1 ratio leasehold / python")
+                .or_default()
+                .push(t / p);
         }
-        table.entry("1 ratio leasehold / ceiling").or_default().push(t / c);
-        table.entry("1 ratio leasehold / bounded ceiling").or_default().push(t / b);
+        table
+            .entry("1 ratio leasehold / ceiling")
+            .or_default()
+            .push(t / c);
+        table
+            .entry("1 ratio leasehold / bounded ceiling")
+            .or_default()
+            .push(t / b);
         let o = leasehold_noop(&host, one, 1).await;
-        table.entry("2 leasehold: 1 slot, tasks/s").or_default().push(o);
+        table
+            .entry("2 leasehold: 1 slot, tasks/s")
+            .or_default()
+            .push(o);
         if let Some(p) = python(&host, one, 1).await {
-            table.entry("2 python max_messages=1, msgs/s").or_default().push(p);
-            table.entry("2 ratio leasehold / python (1 slot)").or_default().push(o / p);
+            table
+                .entry("2 python max_messages=1, msgs/s")
+                .or_default()
+                .push(p);
+            table
+                .entry("2 ratio leasehold / python (1 slot)")
+                .or_default()
+                .push(o / p);
         }
         eprintln!("  throughput {t:.0}/s (ceiling {c:.0}/s), one slot {o:.1}/s");
     }
     for k in [1_000usize, 10_000] {
         let l = lease_cost(&host, k, window).await;
         eprintln!("  lease {k}: {l:?}");
-        table.entry(if k == 1000 { "3 lease 1k: RPCs per round" } else { "3 lease 10k: RPCs per round" }).or_default().push(l.rpcs_per_round);
-        table.entry(if k == 1000 { "3 lease 1k: round ms" } else { "3 lease 10k: round ms" }).or_default().push(l.round_ms);
-        table.entry(if k == 1000 { "3 lease 1k: extension RPCs/min" } else { "3 lease 10k: extension RPCs/min" }).or_default().push(l.rpcs_per_min);
-        table.entry(if k == 1000 { "3 lease 1k: extension KiB/min" } else { "3 lease 10k: extension KiB/min" }).or_default().push(l.kib_per_min);
-        table.entry(if k == 1000 { "3 lease 1k: CPU % of a core" } else { "3 lease 10k: CPU % of a core" }).or_default().push(l.cpu_pct);
-        table.entry(if k == 1000 { "3 lease 1k: RSS MiB" } else { "3 lease 10k: RSS MiB" }).or_default().push(l.rss_mib);
+        table
+            .entry(if k == 1000 {
+                "3 lease 1k: RPCs per round"
+            } else {
+                "3 lease 10k: RPCs per round"
+            })
+            .or_default()
+            .push(l.rpcs_per_round);
+        table
+            .entry(if k == 1000 {
+                "3 lease 1k: round ms"
+            } else {
+                "3 lease 10k: round ms"
+            })
+            .or_default()
+            .push(l.round_ms);
+        table
+            .entry(if k == 1000 {
+                "3 lease 1k: extension RPCs/min"
+            } else {
+                "3 lease 10k: extension RPCs/min"
+            })
+            .or_default()
+            .push(l.rpcs_per_min);
+        table
+            .entry(if k == 1000 {
+                "3 lease 1k: extension KiB/min"
+            } else {
+                "3 lease 10k: extension KiB/min"
+            })
+            .or_default()
+            .push(l.kib_per_min);
+        table
+            .entry(if k == 1000 {
+                "3 lease 1k: CPU % of a core"
+            } else {
+                "3 lease 10k: CPU % of a core"
+            })
+            .or_default()
+            .push(l.cpu_pct);
+        table
+            .entry(if k == 1000 {
+                "3 lease 1k: RSS MiB"
+            } else {
+                "3 lease 10k: RSS MiB"
+            })
+            .or_default()
+            .push(l.rss_mib);
     }
     let (cpu, rss) = idle_cost(&host, idle_window).await;
-    table.entry("4 idle: CPU % of a core").or_default().push(cpu);
+    table
+        .entry("4 idle: CPU % of a core")
+        .or_default()
+        .push(cpu);
     table.entry("4 idle: RSS MiB").or_default().push(rss);
 
     println!("| measure | median | runs |");
     println!("|---|---|---|");
     for (k, v) in &table {
         let shown: Vec<String> = v.iter().map(|x| format!("{x:.2}")).collect();
-        println!("| {} | {:.2} | {} |", &k[2..], median(v.clone()), shown.join(", "));
+        println!(
+            "| {} | {:.2} | {} |",
+            &k[2..],
+            median(v.clone()),
+            shown.join(", ")
+        );
     }
 }
