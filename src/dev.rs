@@ -99,12 +99,17 @@ pub async fn run(files: Vec<PathBuf>, env: Environment) -> anyhow::Result<()> {
 
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     let mut all_done_reported = false;
+    let mut last_line = String::new();
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = tick.tick() => {
                 let p = Progress::read(&metrics);
-                println!("progress: {p}");
+                let line = format!("progress: {p}");
+                if line != last_line {
+                    println!("{line}");
+                    last_line = line;
+                }
                 if !all_done_reported && p.finished() >= tasks.len() as u64 {
                     all_done_reported = true;
                     println!("all sample tasks ended; publish more with `leasehold publish --config {DEV_CONFIG} --kind reduce --data '{{\"polygons\": 9000}}'` (PUBSUB_EMULATOR_HOST={}) or press Ctrl-C",
