@@ -325,8 +325,8 @@ async fn ceiling(host: &str, n: usize, per_pull: i32) -> f64 {
 }
 
 /// The Python client on a fresh subscription with N no-op messages.
-async fn python(host: &str, n: usize, max_messages: usize) -> Option<f64> {
-    if std::env::var("BENCH_SKIP_PYTHON").is_ok() {
+async fn python(host: &str, n: usize, max_messages: usize, skip: bool) -> Option<f64> {
+    if skip {
         return None;
     }
     let w = world(host, &format!("py{max_messages}"), 1, "").await;
@@ -524,11 +524,21 @@ fn main() {
 }
 
 async fn bench() {
-    let runs = env_num("BENCH_RUNS", 3) as usize;
-    let n = env_num("BENCH_TASKS", 10_000) as usize;
-    let one = env_num("BENCH_ONE_SLOT", 300) as usize;
-    let window = Duration::from_secs(env_num("BENCH_LEASE_WINDOW_S", 60));
-    let idle_window = Duration::from_secs(env_num("BENCH_IDLE_S", 20));
+    // `cargo bench` passes --bench; `cargo test --all-targets` runs this
+    // binary without it: then a small smoke run checks the harness works
+    // (no Python, tiny sizes) instead of the full benchmark.
+    let full = std::env::args().any(|a| a == "--bench");
+    let smoke = |big: u64, small: u64| if full { big } else { small };
+    let runs = env_num("BENCH_RUNS", smoke(3, 1)) as usize;
+    let n = env_num("BENCH_TASKS", smoke(10_000, 300)) as usize;
+    let one = env_num("BENCH_ONE_SLOT", smoke(300, 30)) as usize;
+    let window = Duration::from_secs(env_num("BENCH_LEASE_WINDOW_S", smoke(60, 9)));
+    let idle_window = Duration::from_secs(env_num("BENCH_IDLE_S", smoke(20, 1)));
+    let lease_sizes: Vec<usize> = if full { vec![1_000, 10_000] } else { vec![100] };
+    if !full {
+        eprintln!("smoke run (use `cargo bench --bench pubsub` for the benchmark)");
+    }
+    let skip_python = !full || std::env::var("BENCH_SKIP_PYTHON").is_ok();
     let _emulator;
     let host = match std::env::var("PUBSUB_EMULATOR_HOST") {
         Ok(h) if !h.is_empty() => h,
@@ -543,7 +553,7 @@ async fn bench() {
         }
     };
     eprintln!("emulator at {host}; {runs} runs");
-    let mut table: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    let mut table: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     // BENCH_ONLY=throughput runs only the 256-slot and ceiling scenario (for profiling).
     let only_throughput = std::env::var("BENCH_ONLY").is_ok_and(|v| v == "throughput");
     if std::env::var("BENCH_ONLY").is_ok_and(|v| v == "idle") {
@@ -564,112 +574,87 @@ async fn bench() {
         eprintln!("run {run}/{runs}");
         let c = ceiling(&host, n, 1000).await;
         table
-            .entry("1 ceiling: unary Pull(1000)+Ack x 8 loops, msgs/s")
+            .entry("1 ceiling: unary Pull(1000)+Ack x 8 loops, msgs/s".to_string())
             .or_default()
             .push(c);
         let b = ceiling(&host, n, 32).await;
         table
-            .entry("1 bounded ceiling: Pull(32)+Ack x 8 loops (256 outstanding), msgs/s")
+            .entry(
+                "1 bounded ceiling: Pull(32)+Ack x 8 loops (256 outstanding), msgs/s".to_string(),
+            )
             .or_default()
             .push(b);
         let t = leasehold_noop(&host, n, 256).await;
         table
-            .entry("1 leasehold: 256 slots, tasks/s")
+            .entry("1 leasehold: 256 slots, tasks/s".to_string())
             .or_default()
             .push(t);
-        if let Some(p) = python(&host, n, 0).await {
+        if let Some(p) = python(&host, n, 0, skip_python).await {
             table
-                .entry("1 python streaming pull, default flow control, msgs/s")
+                .entry("1 python streaming pull, default flow control, msgs/s".to_string())
                 .or_default()
                 .push(p);
             table
-                .entry("1 ratio leasehold / python")
+                .entry("1 ratio leasehold / python".to_string())
                 .or_default()
                 .push(t / p);
         }
         table
-            .entry("1 ratio leasehold / ceiling")
+            .entry("1 ratio leasehold / ceiling".to_string())
             .or_default()
             .push(t / c);
         table
-            .entry("1 ratio leasehold / bounded ceiling")
+            .entry("1 ratio leasehold / bounded ceiling".to_string())
             .or_default()
             .push(t / b);
         let o = leasehold_noop(&host, one, 1).await;
         table
-            .entry("2 leasehold: 1 slot, tasks/s")
+            .entry("2 leasehold: 1 slot, tasks/s".to_string())
             .or_default()
             .push(o);
-        if let Some(p) = python(&host, one, 1).await {
+        if let Some(p) = python(&host, one, 1, skip_python).await {
             table
-                .entry("2 python max_messages=1, msgs/s")
+                .entry("2 python max_messages=1, msgs/s".to_string())
                 .or_default()
                 .push(p);
             table
-                .entry("2 ratio leasehold / python (1 slot)")
+                .entry("2 ratio leasehold / python (1 slot)".to_string())
                 .or_default()
                 .push(o / p);
         }
         eprintln!("  throughput {t:.0}/s (ceiling {c:.0}/s), one slot {o:.1}/s");
     }
-    for k in [1_000usize, 10_000] {
+    for k in lease_sizes {
         let l = lease_cost(&host, k, window).await;
         eprintln!("  lease {k}: {l:?}");
-        table
-            .entry(if k == 1000 {
-                "3 lease 1k: RPCs per round"
-            } else {
-                "3 lease 10k: RPCs per round"
-            })
-            .or_default()
-            .push(l.rpcs_per_round);
-        table
-            .entry(if k == 1000 {
-                "3 lease 1k: round ms"
-            } else {
-                "3 lease 10k: round ms"
-            })
-            .or_default()
-            .push(l.round_ms);
-        table
-            .entry(if k == 1000 {
-                "3 lease 1k: extension RPCs/min"
-            } else {
-                "3 lease 10k: extension RPCs/min"
-            })
-            .or_default()
-            .push(l.rpcs_per_min);
-        table
-            .entry(if k == 1000 {
-                "3 lease 1k: extension KiB/min"
-            } else {
-                "3 lease 10k: extension KiB/min"
-            })
-            .or_default()
-            .push(l.kib_per_min);
-        table
-            .entry(if k == 1000 {
-                "3 lease 1k: CPU % of a core"
-            } else {
-                "3 lease 10k: CPU % of a core"
-            })
-            .or_default()
-            .push(l.cpu_pct);
-        table
-            .entry(if k == 1000 {
-                "3 lease 1k: RSS MiB"
-            } else {
-                "3 lease 10k: RSS MiB"
-            })
-            .or_default()
-            .push(l.rss_mib);
+        assert_eq!(
+            l.rpcs_per_round,
+            k.div_ceil(2500) as f64,
+            "a round is ceil(held / 2500) RPCs"
+        );
+        for (what, value) in [
+            ("RPCs per round", l.rpcs_per_round),
+            ("round ms", l.round_ms),
+            ("extension RPCs/min", l.rpcs_per_min),
+            ("extension KiB/min", l.kib_per_min),
+            ("CPU % of a core", l.cpu_pct),
+            ("RSS MiB", l.rss_mib),
+        ] {
+            table
+                .entry(format!("3 lease {k}: {what}"))
+                .or_default()
+                .push(value);
+        }
     }
     let (cpu, rss) = idle_cost(&host, idle_window).await;
     table
-        .entry("4 idle: CPU % of a core")
+        .entry("4 idle: CPU % of a core".to_string())
         .or_default()
         .push(cpu);
-    table.entry("4 idle: RSS MiB").or_default().push(rss);
+    table
+        .entry("4 idle: RSS MiB".to_string())
+        .or_default()
+        .push(rss);
 
     println!("| measure | median | runs |");
     println!("|---|---|---|");
