@@ -252,6 +252,39 @@ async fn a_real_prometheus_scrapes_a_worker_and_every_dashboard_query_evaluates(
     for r in all {
         assert_eq!(r["health"], "ok", "{r}");
     }
+    // For the README's picture: LEASEHOLD_DASHBOARD_DATA=FILE saves every
+    // panel's series over the run (scripts/render-dashboard draws them).
+    if let Ok(path) = std::env::var("LEASEHOLD_DASHBOARD_DATA") {
+        let end = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let mut saved = Vec::new();
+        for panel in panels {
+            let mut targets = Vec::new();
+            for target in panel["targets"].as_array().unwrap() {
+                let expr = target["expr"].as_str().unwrap();
+                let url = format!(
+                    "/api/v1/query_range?query={}&start={}&end={end}&step=1",
+                    encode(expr),
+                    end - 60
+                );
+                let (_, body) = http_get(&prom.addr, &url).unwrap();
+                let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+                targets.push(serde_json::json!({
+                    "expr": expr,
+                    "legend": target["legendFormat"],
+                    "result": v["data"]["result"],
+                }));
+            }
+            saved.push(serde_json::json!({
+                "title": panel["title"],
+                "unit": panel["fieldConfig"]["defaults"]["unit"],
+                "targets": targets,
+            }));
+        }
+        std::fs::write(&path, serde_json::to_string(&saved).unwrap()).unwrap();
+    }
     // The dead letter shows in the data the alert reads.
     let dead = query(
         &prom.addr,
