@@ -38,8 +38,8 @@ pub struct Round {
 pub struct LeaseBook {
     extension: Duration,
     max_lease: Duration,
-    /// How long after a failed extension to try again.
-    retry_after: Duration,
+    /// Extension failures in a row (reset by a success): the retry backoff.
+    failures: u32,
     leases: HashMap<String, Lease>,
 }
 
@@ -55,7 +55,7 @@ impl LeaseBook {
         LeaseBook {
             extension,
             max_lease,
-            retry_after: Duration::from_secs(1),
+            failures: 0,
             leases: HashMap::new(),
         }
     }
@@ -140,6 +140,7 @@ impl LeaseBook {
     /// The batch sent at `sent_at` succeeded: its leases now run `extension`
     /// from then (not from the answer, which would overstate them).
     pub fn extended(&mut self, ids: &[String], sent_at: Instant) {
+        self.failures = 0;
         for id in ids {
             if let Some(l) = self.leases.get_mut(id) {
                 l.expires = sent_at + self.extension;
@@ -149,11 +150,23 @@ impl LeaseBook {
         }
     }
 
-    /// The batch failed at `now`: try these again shortly.
+    /// The batch failed at `now`: try these again after a backoff (1 s
+    /// doubling to 16 s while failures go on), but while a lease is still
+    /// live never later than halfway to its deadline (and not sooner than
+    /// 100 ms), so a retry always comes before it lapses.
     pub fn failed(&mut self, ids: &[String], now: Instant) {
+        self.failures = self.failures.saturating_add(1);
+        let backoff = Duration::from_secs(1 << (self.failures - 1).min(4));
         for id in ids {
             if let Some(l) = self.leases.get_mut(id) {
-                l.extend_at = now + self.retry_after;
+                let delay = if l.expires > now {
+                    backoff
+                        .min((l.expires - now) / 2)
+                        .max(Duration::from_millis(100))
+                } else {
+                    backoff
+                };
+                l.extend_at = now + delay;
             }
         }
     }
@@ -239,6 +252,40 @@ mod tests {
         // A later successful extension makes it a live lease again.
         b.extended(&["a".to_string()], t0 + 12 * SEC);
         assert_eq!(b.take_lost(t0 + 72 * SEC), vec!["a".to_string()]);
+    }
+
+    #[test]
+    fn retries_back_off_but_come_before_the_deadline() {
+        let t0 = Instant::now();
+        let mut b = LeaseBook::new(60 * SEC, 3600 * SEC);
+        b.add("a".into(), t0, 120 * SEC);
+        let ids = vec!["a".to_string()];
+        // Far from the deadline: 1 s, 2 s, 4 s, 8 s, 16 s, 16 s.
+        let mut now = t0;
+        let mut gaps = Vec::new();
+        for _ in 0..6 {
+            b.failed(&ids, now);
+            let next = b.next_round().unwrap();
+            gaps.push((next - now).as_secs());
+            now = next;
+        }
+        assert_eq!(gaps, vec![1, 2, 4, 8, 16, 16]);
+        // 10 s before the deadline: halfway to it at most.
+        let late = t0 + 110 * SEC;
+        b.failed(&ids, late);
+        assert_eq!(b.next_round(), Some(late + 5 * SEC));
+        // Close to the deadline: not sooner than 100 ms.
+        let near = t0 + 120 * SEC - Duration::from_millis(50);
+        b.failed(&ids, near);
+        assert_eq!(b.next_round(), Some(near + Duration::from_millis(100)));
+        // Past it (lost): the plain backoff.
+        let past = t0 + 121 * SEC;
+        b.failed(&ids, past);
+        assert_eq!(b.next_round(), Some(past + 16 * SEC));
+        // A success resets the backoff.
+        b.extended(&ids, past);
+        b.failed(&ids, past + SEC);
+        assert_eq!(b.next_round(), Some(past + 2 * SEC));
     }
 
     #[test]
