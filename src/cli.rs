@@ -13,7 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::config::{Config, EXIT_CONFIG, Environment};
 use crate::pubsub::admin::{Action, setup};
 use crate::pubsub::publisher::{NewTask, PublishError, publish_tasks};
-use crate::pubsub::{Connection, ConnectionError};
+use crate::pubsub::Connection;
 use crate::worker::{RunOptions, WorkerError};
 
 /// Exit code when Pub/Sub cannot be reached or refuses (`EX_UNAVAILABLE`).
@@ -216,7 +216,6 @@ async fn run_command(command: Command, env: Environment) -> Result<(), ExitCode>
                         eprintln!("leasehold: {e}");
                         ExitCode::from(EXIT_CONFIG as u8)
                     }
-                    WorkerError::Connection(e @ ConnectionError::Credentials(_)) => unavailable(e),
                     WorkerError::Connection(e) => unavailable(e),
                 })
         }
