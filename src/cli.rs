@@ -11,9 +11,9 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{Config, EXIT_CONFIG, Environment};
+use crate::pubsub::Connection;
 use crate::pubsub::admin::{Action, setup};
 use crate::pubsub::publisher::{NewTask, PublishError, publish_tasks};
-use crate::pubsub::Connection;
 use crate::worker::{RunOptions, WorkerError};
 
 /// Exit code when Pub/Sub cannot be reached or refuses (`EX_UNAVAILABLE`).
