@@ -250,21 +250,8 @@ async fn sigterm_past_grace_releases_the_task_to_another_worker_at_once() {
     assert!(first.log().contains("releasing"), "{}", first.log());
 
     let _second = world.spawn_worker("second", &[]);
-    eventually(
-        Duration::from_secs(30),
-        "the second worker to finish it",
-        || {
-            events(runs.path())
-                .iter()
-                .any(|e| e.what == "end" && e.worker == "second")
-        },
-    )
-    .await;
+    let restart = second_worker_finishes(runs.path(), 30).await;
     let ev = events(runs.path());
-    let restart = ev
-        .iter()
-        .find(|e| e.what == "start" && e.worker == "second")
-        .unwrap();
     assert_eq!(restart.attempt, 2, "{ev:?}");
     // Within seconds of the release, far less than the 60 s ack deadline.
     let released_at = ev[0].at_ms + 2_000;
@@ -272,6 +259,15 @@ async fn sigterm_past_grace_releases_the_task_to_another_worker_at_once() {
         restart.at_ms < released_at + 20_000,
         "picked up at once, not after the ack deadline: {ev:?}"
     );
+}
+
+/// Waits for the worker named "second" to finish the task; returns its start.
+async fn second_worker_finishes(runs: &std::path::Path, secs: u64) -> Event {
+    wait_for_event(runs, secs, "the second worker to finish it", |e| {
+        e.what == "end" && e.worker == "second"
+    })
+    .await;
+    first_event(runs, |e| e.what == "start" && e.worker == "second")
 }
 
 /// kill -9 mid-task: nothing is released, so another worker gets the task
@@ -296,22 +292,9 @@ async fn a_killed_workers_task_comes_back_after_the_ack_deadline() {
     first.signal(Signal::SIGKILL);
     let killed_at = events(runs.path())[0].at_ms;
     let _second = world.spawn_worker("second", &[]);
-    eventually(
-        Duration::from_secs(40),
-        "the second worker to finish it",
-        || {
-            events(runs.path())
-                .iter()
-                .any(|e| e.what == "end" && e.worker == "second")
-        },
-    )
-    .await;
+    let restart = second_worker_finishes(runs.path(), 40).await;
     let ev = events(runs.path());
-    let restart = ev
-        .iter()
-        .find(|e| e.what == "start" && e.worker == "second")
-        .unwrap();
-    assert_eq!(restart.attempt, 2);
+    assert_eq!(restart.attempt, 2, "{ev:?}");
     assert!(
         restart.at_ms >= killed_at + 5_000,
         "not before the lease lapsed: {ev:?}"

@@ -380,3 +380,20 @@ pub fn sample(scrape: &str, series: &str) -> Option<f64> {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
 }
+
+/// Waits until the recording handler's log has an event matching `pred`.
+pub async fn wait_for_event(log: &Path, secs: u64, what: &str, pred: impl Fn(&Event) -> bool) {
+    eventually(Duration::from_secs(secs), what, || {
+        events(log).iter().any(&pred)
+    })
+    .await;
+}
+
+/// The first event matching `pred` (panics with the whole log if none).
+pub fn first_event(log: &Path, pred: impl Fn(&Event) -> bool) -> Event {
+    let ev = events(log);
+    ev.iter()
+        .find(|e| pred(e))
+        .cloned()
+        .unwrap_or_else(|| panic!("no such event in {ev:?}"))
+}
