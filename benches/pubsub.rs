@@ -368,23 +368,12 @@ async fn python(host: &str, n: usize, max_messages: usize, skip: bool) -> Option
 
 /// CPU seconds (user + system) of this process so far.
 fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
-    let after = stat.rsplit(')').next().unwrap();
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
-    ticks / 100.0 // USER_HZ is 100 on Linux
+    proc_usage(std::process::id()).0
 }
 
 /// Resident memory of this process, MiB.
 fn rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let kb: f64 = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap();
-    kb / 1024.0
+    proc_usage(std::process::id()).1
 }
 
 #[derive(Debug, Default, Clone)]
@@ -463,7 +452,7 @@ async fn lease_cost(host: &str, k: usize, window: Duration) -> LeaseCost {
     }
 }
 
-/// CPU seconds (user + system) and RSS (MiB) of a process.
+/// CPU seconds (user + system; USER_HZ is 100 on Linux) and RSS (MiB) of a process.
 fn proc_usage(pid: u32) -> (f64, f64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     let f: Vec<&str> = stat
@@ -508,6 +497,11 @@ async fn idle_cost(host: &str, window: Duration) -> (f64, f64) {
     let _ = child.kill();
     let _ = child.wait();
     (pct, rss)
+}
+
+/// Adds one run's value of a measure to the table.
+fn record(table: &mut BTreeMap<String, Vec<f64>>, measure: &str, value: f64) {
+    table.entry(measure.to_string()).or_default().push(value);
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -582,54 +576,34 @@ async fn bench() {
     for run in 1..=runs {
         eprintln!("run {run}/{runs}");
         let c = ceiling(&host, n, 1000).await;
-        table
-            .entry("1 ceiling: unary Pull(1000)+Ack x 8 loops, msgs/s".to_string())
-            .or_default()
-            .push(c);
+        record(
+            &mut table,
+            "1 ceiling: unary Pull(1000)+Ack x 8 loops, msgs/s",
+            c,
+        );
         let b = ceiling(&host, n, 32).await;
-        table
-            .entry(
-                "1 bounded ceiling: Pull(32)+Ack x 8 loops (256 outstanding), msgs/s".to_string(),
-            )
-            .or_default()
-            .push(b);
+        record(
+            &mut table,
+            "1 bounded ceiling: Pull(32)+Ack x 8 loops (256 outstanding), msgs/s",
+            b,
+        );
         let t = leasehold_noop(&host, n, 256).await;
-        table
-            .entry("1 leasehold: 256 slots, tasks/s".to_string())
-            .or_default()
-            .push(t);
+        record(&mut table, "1 leasehold: 256 slots, tasks/s", t);
         if let Some(p) = python(&host, n, 0, skip_python).await {
-            table
-                .entry("1 python streaming pull, default flow control, msgs/s".to_string())
-                .or_default()
-                .push(p);
-            table
-                .entry("1 ratio leasehold / python".to_string())
-                .or_default()
-                .push(t / p);
+            record(
+                &mut table,
+                "1 python streaming pull, default flow control, msgs/s",
+                p,
+            );
+            record(&mut table, "1 ratio leasehold / python", t / p);
         }
-        table
-            .entry("1 ratio leasehold / ceiling".to_string())
-            .or_default()
-            .push(t / c);
-        table
-            .entry("1 ratio leasehold / bounded ceiling".to_string())
-            .or_default()
-            .push(t / b);
+        record(&mut table, "1 ratio leasehold / ceiling", t / c);
+        record(&mut table, "1 ratio leasehold / bounded ceiling", t / b);
         let o = leasehold_noop(&host, one, 1).await;
-        table
-            .entry("2 leasehold: 1 slot, tasks/s".to_string())
-            .or_default()
-            .push(o);
+        record(&mut table, "2 leasehold: 1 slot, tasks/s", o);
         if let Some(p) = python(&host, one, 1, skip_python).await {
-            table
-                .entry("2 python max_messages=1, msgs/s".to_string())
-                .or_default()
-                .push(p);
-            table
-                .entry("2 ratio leasehold / python (1 slot)".to_string())
-                .or_default()
-                .push(o / p);
+            record(&mut table, "2 python max_messages=1, msgs/s", p);
+            record(&mut table, "2 ratio leasehold / python (1 slot)", o / p);
         }
         eprintln!("  throughput {t:.0}/s (ceiling {c:.0}/s), one slot {o:.1}/s");
     }
@@ -649,21 +623,12 @@ async fn bench() {
             ("CPU % of a core", l.cpu_pct),
             ("RSS MiB", l.rss_mib),
         ] {
-            table
-                .entry(format!("3 lease {k}: {what}"))
-                .or_default()
-                .push(value);
+            record(&mut table, &format!("3 lease {k}: {what}"), value);
         }
     }
     let (cpu, rss) = idle_cost(&host, idle_window).await;
-    table
-        .entry("4 idle: CPU % of a core".to_string())
-        .or_default()
-        .push(cpu);
-    table
-        .entry("4 idle: RSS MiB".to_string())
-        .or_default()
-        .push(rss);
+    record(&mut table, "4 idle: CPU % of a core", cpu);
+    record(&mut table, "4 idle: RSS MiB", rss);
 
     println!("| measure | median | runs |");
     println!("|---|---|---|");

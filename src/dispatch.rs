@@ -149,7 +149,7 @@ impl Dispatcher {
                 tracing::error!(executor = %self.class, %reason, "undecodable message; dead-lettering it");
                 let attempt = received.delivery_attempt.max(1) as u32;
                 self.dead_letter(&received, &reason, attempt).await;
-                self.emit(self.unrun_event(&received, attempt, reason));
+                self.emit(|| self.unrun_event(&received, attempt, reason));
                 return;
             }
         };
@@ -169,7 +169,7 @@ impl Dispatcher {
                 tracing::error!(reason = %e, "task cannot run here; dead-lettering it");
                 self.dead_letter(received, &e.to_string(), task.attempt)
                     .await;
-                self.emit(self.unrun_event(received, task.attempt, e.to_string()));
+                self.emit(|| self.unrun_event(received, task.attempt, e.to_string()));
                 return;
             }
         };
@@ -217,7 +217,7 @@ impl Dispatcher {
                 (None, Some(stderr_tail).filter(|s| !s.is_empty()), code)
             }
         };
-        self.emit(ResultEvent {
+        self.emit(|| ResultEvent {
             task_id: task.task_id.clone(),
             message_id: task.message_id.clone(),
             kind: task.kind.clone(),
@@ -266,11 +266,13 @@ impl Dispatcher {
         }
     }
 
-    /// Publishes a result event in the background.
-    fn emit(&self, event: ResultEvent) {
+    /// Publishes a result event in the background; the event is only built
+    /// when result events are enabled (it is on every task's path).
+    fn emit(&self, event: impl FnOnce() -> ResultEvent) {
         if !self.results.enabled() {
             return;
         }
+        let event = event();
         let results = self.results.clone();
         self.background.spawn(async move {
             if let Err(e) = results.publish(&event).await {

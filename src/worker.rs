@@ -122,7 +122,6 @@ pub async fn run_with(
 
     let mut pullers = JoinSet::new();
     let mut lease_loops = JoinSet::new();
-    let mut activities = Vec::new();
     for executor in executors {
         let class = executor.class();
         let subscription_path = conn.subscription_path(executor.subscription());
@@ -151,7 +150,6 @@ pub async fn run_with(
         });
         let loops = pull_loops(executor.slots());
         let activity = Arc::new(Activity::new());
-        activities.push(activity.clone());
         health
             .activities
             .lock()
@@ -188,7 +186,7 @@ pub async fn run_with(
         }
     }
 
-    let idle = wait_idle(options.exit_when_idle, &tracker, &activities);
+    let idle = wait_idle(options.exit_when_idle, &tracker, &health);
     tokio::pin!(idle, shutdown);
     loop {
         tokio::select! {
@@ -254,7 +252,7 @@ fn worker_name(env: &Environment) -> String {
 
 /// Completes once nothing ran and nothing was pulled for `idle`; never
 /// when `idle` is `None`.
-async fn wait_idle(idle: Option<Duration>, tracker: &TaskTracker, activities: &[Arc<Activity>]) {
+async fn wait_idle(idle: Option<Duration>, tracker: &TaskTracker, health: &Health) {
     let Some(idle) = idle else {
         return std::future::pending().await;
     };
@@ -266,7 +264,12 @@ async fn wait_idle(idle: Option<Duration>, tracker: &TaskTracker, activities: &[
             last_busy = tokio::time::Instant::now();
             continue;
         }
-        let quiet = activities.iter().all(|a| a.idle_for() >= idle);
+        let quiet = health
+            .activities
+            .lock()
+            .expect("health lock")
+            .iter()
+            .all(|a| a.idle_for() >= idle);
         if quiet && last_busy.elapsed() >= idle {
             return;
         }
