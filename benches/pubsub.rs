@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use leasehold::config::{Config, Environment};
 use leasehold::emulator::Emulator;
 use leasehold::metrics::Metrics;
-use leasehold::pubsub::publisher::{NewTask, publish_tasks};
+use leasehold::pubsub::producer::{NewTask, publish_tasks};
 use leasehold::pubsub::{Connection, DataPlane, GrpcDataPlane, ReceivedMessage, RpcError};
 use leasehold::worker::RunOptions;
 use prost::Message as _;
@@ -212,7 +212,11 @@ fn start_worker(w: &World) -> Running {
             metrics: Some(m),
             ..RunOptions::default()
         };
-        leasehold::worker::run_with(config, env, options, conn, dp, s.cancelled_owned())
+        let clients = leasehold::worker::Clients {
+            data_plane: dp,
+            publisher: Arc::new(leasehold::pubsub::GooglePublisher::new(conn)),
+        };
+        leasehold::worker::run_with(config, env, options, clients, s.cancelled_owned())
             .await
             .unwrap();
     });
@@ -292,7 +296,7 @@ async fn ceiling(host: &str, n: usize, per_pull: i32) -> f64 {
     );
     let sub = w
         .conn
-        .subscription_path(&w.config.executors.cpu.subscription);
+        .subscription_path(&w.config.executors["cpu"].subscription);
     let got = Arc::new(Mutex::new((0usize, None::<Instant>, None::<Instant>)));
     let mut loops = Vec::new();
     for _ in 0..8 {
@@ -338,7 +342,7 @@ async fn python(host: &str, n: usize, max_messages: usize, skip: bool) -> Option
             "--project",
             &w.config.pubsub.project,
             "--subscription",
-            &w.config.executors.cpu.subscription,
+            &w.config.executors["cpu"].subscription,
         ])
         .args([
             "--n",
@@ -397,7 +401,7 @@ async fn lease_cost(host: &str, k: usize, window: Duration) -> LeaseCost {
     .await;
     publish(&w, "sleep", r#"{"seconds": 3600}"#, k).await;
     let run = start_worker(&w);
-    let sub = w.config.executors.cpu.subscription.clone();
+    let sub = w.config.executors["cpu"].subscription.clone();
     let held = run.metrics.leases_held.with_label_values(&[&sub]);
     let start = Instant::now();
     while (held.get() as usize) < k {

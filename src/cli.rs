@@ -13,7 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::config::{Config, EXIT_CONFIG, Environment};
 use crate::pubsub::Connection;
 use crate::pubsub::admin::{Action, setup};
-use crate::pubsub::publisher::{NewTask, PublishError, publish_tasks};
+use crate::pubsub::producer::{NewTask, PublishError, publish_tasks};
 use crate::worker::{RunOptions, WorkerError};
 
 /// Exit code when Pub/Sub cannot be reached or refuses (`EX_UNAVAILABLE`).
@@ -212,7 +212,9 @@ async fn run_command(command: Command, env: Environment) -> Result<(), ExitCode>
             crate::worker::run(config, env, options, shutdown_signal())
                 .await
                 .map_err(|e| match e {
-                    e @ (WorkerError::Executor(_) | WorkerError::Listen { .. }) => {
+                    e @ (WorkerError::Executor(_)
+                    | WorkerError::Listen { .. }
+                    | WorkerError::Config(_)) => {
                         eprintln!("leasehold: {e}");
                         ExitCode::from(EXIT_CONFIG as u8)
                     }
@@ -251,18 +253,18 @@ pub fn describe(config: &Config, env: &Environment) -> Result<String, String> {
     let mut out = String::from("# effective configuration\n");
     out.push_str(&toml::to_string_pretty(config).map_err(|e| e.to_string())?);
     out.push_str("\n# resolved executors\n");
-    for class in crate::config::ExecutorClass::ALL {
-        if !config.is_enabled(class) {
-            out.push_str(&format!("# {class}: disabled\n"));
+    let registry =
+        crate::handler::HandlerRegistry::from_config(config).map_err(|e| e.to_string())?;
+    for (name, executor) in &config.executors {
+        if !executor.enabled {
+            out.push_str(&format!("# {name}: disabled\n"));
             continue;
         }
-        let ex = crate::executor::build(class, config, env).map_err(|e| e.to_string())?;
-        let kinds: Vec<String> = crate::handler::HandlerRegistry::from_config(config)
-            .kinds_of(class)
-            .map(str::to_string)
-            .collect();
+        let ex =
+            crate::executor::Executor::build(name, executor, env).map_err(|e| e.to_string())?;
+        let kinds: Vec<&str> = registry.kinds_of(name).collect();
         out.push_str(&format!(
-            "# {class}: subscription {}, slots {}{}, kinds [{}]\n",
+            "# {name}: subscription {}, slots {}{}, kinds [{}]\n",
             ex.subscription(),
             ex.slots(),
             ex.devices()

@@ -1,10 +1,16 @@
 //! Configuration: built-in defaults, then `--config` files in order, then
 //! `LEASEHOLD__SECTION__KEY` environment variables.
 //!
-//! Every key is typed and validated before anything connects; a bad
-//! configuration is one [`ConfigError`] that names the key, and the binary
-//! exits with code 64 (`EX_USAGE`). The environment is passed in as data
-//! (see [`Environment`]) so tests never mutate the process environment.
+//! Every key is typed and validated ([`validate`]) before anything connects;
+//! a bad configuration is one [`ConfigError`] that names the key, and the
+//! binary exits with code 64 (`EX_USAGE`). The environment is passed in as
+//! data ([`Environment`]) so tests never mutate the process environment.
+//!
+//! Executor classes are data: `[executors.NAME]` tables (the defaults have
+//! `cpu` and `gpu`); a handler names its class by that name.
+
+mod environment;
+mod validate;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -13,15 +19,15 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use environment::Environment;
+
+use crate::handler::Builtin;
+
 /// The defaults, compiled into the binary so `leasehold` runs with no file.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
 /// Exit code for a bad configuration or command line (`EX_USAGE` of sysexits.h).
 pub const EXIT_CONFIG: i32 = 64;
-
-/// Pub/Sub's bounds for a subscription's ack deadline and for ModifyAckDeadline.
-const ACK_DEADLINE_RANGE: (Duration, Duration) =
-    (Duration::from_secs(10), Duration::from_secs(600));
 
 /// The whole effective configuration of one worker.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -33,8 +39,8 @@ pub struct Config {
     pub lease: LeaseConfig,
     /// Backoff and attempt limits for failed tasks.
     pub retry: RetryConfig,
-    /// The executor classes this worker may run.
-    pub executors: ExecutorsConfig,
+    /// The executor classes, by name (`cpu`, `gpu`, or any other).
+    pub executors: BTreeMap<String, ExecutorConfig>,
     /// Task kinds and how to run them.
     #[serde(default)]
     pub handlers: BTreeMap<String, HandlerConfig>,
@@ -69,7 +75,8 @@ pub struct LeaseConfig {
     /// The deadline each ModifyAckDeadline asks for.
     #[serde(with = "humantime_serde")]
     pub extension: Duration,
-    /// Leases are not extended past this age; the message is then redelivered.
+    /// The longest a lease is kept: past it, extension stops and the message
+    /// is redelivered.
     #[serde(with = "humantime_serde")]
     pub max_lease: Duration,
 }
@@ -88,53 +95,40 @@ pub struct RetryConfig {
     pub max_backoff: Duration,
 }
 
-/// `[executors]`: one table per executor class.
+/// `[executors.NAME]`: one executor class. Each has its own topic,
+/// subscription, slots and pull loops, so a busy class never holds up another.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
-pub struct ExecutorsConfig {
-    /// CPU tasks: N slots.
-    pub cpu: CpuExecutorConfig,
-    /// GPU tasks: one slot per device.
-    pub gpu: GpuExecutorConfig,
-}
-
-/// `[executors.cpu]`
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct CpuExecutorConfig {
-    /// Whether this worker pulls CPU tasks.
+pub struct ExecutorConfig {
+    /// Whether this worker pulls this class's tasks. Required, so a misspelt
+    /// table name is an error rather than a new class.
     pub enabled: bool,
-    /// Topic producers publish CPU tasks to (used by `setup` and `publish`).
+    /// Topic producers publish this class's tasks to; empty means
+    /// `leasehold-tasks-NAME`.
+    #[serde(default)]
     pub topic: String,
-    /// Subscription this worker pulls from, shared by every pod of the pool.
+    /// Subscription this worker pulls from, shared by every pod of the pool;
+    /// empty means `leasehold-tasks-NAME`.
+    #[serde(default)]
     pub subscription: String,
-    /// Concurrent tasks; 0 means the available CPU parallelism.
+    /// Concurrent tasks; 0 means one per device when `devices` is set, else
+    /// the available CPU parallelism.
+    #[serde(default)]
     pub slots: usize,
+    /// GPUs to pin tasks to, one task per device. Absent: no pinning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub devices: Option<Devices>,
 }
 
-/// `[executors.gpu]`
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct GpuExecutorConfig {
-    /// Whether this worker pulls GPU tasks.
-    pub enabled: bool,
-    /// Topic producers publish GPU tasks to.
-    pub topic: String,
-    /// Subscription this worker pulls from.
-    pub subscription: String,
-    /// Which devices to use: one task per device at a time.
-    pub devices: Devices,
-}
-
-/// `devices = "auto"` or an explicit list such as `["0", "1"]`.
+/// `devices = "auto"` or an explicit list such as `["0", "1"]` or UUIDs.
 ///
 /// A comma-separated string (`"0,1"`) is accepted too, so the list can be
 /// given through one environment variable.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Devices {
-    /// `NVIDIA_VISIBLE_DEVICES` when set, else `nvidia-smi -L`.
+    /// `NVIDIA_VISIBLE_DEVICES` and `nvidia-smi -L` (see `executor::discovery`).
     Auto,
-    /// These device ids, in order.
+    /// These devices, in order: indices as this container sees them, or UUIDs.
     List(Vec<String>),
 }
 
@@ -168,49 +162,21 @@ impl Serialize for Devices {
     }
 }
 
-/// The executor classes. A task kind names one; each has its own topic,
-/// subscription, slots and puller.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ExecutorClass {
-    /// Runs on the CPU pool.
-    Cpu,
-    /// Runs with one GPU pinned.
-    Gpu,
-}
-
-impl ExecutorClass {
-    /// Both classes, in a fixed order.
-    pub const ALL: [ExecutorClass; 2] = [ExecutorClass::Cpu, ExecutorClass::Gpu];
-
-    /// The name used in configuration, logs and metric labels.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ExecutorClass::Cpu => "cpu",
-            ExecutorClass::Gpu => "gpu",
-        }
-    }
-}
-
-impl std::fmt::Display for ExecutorClass {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// `[handlers.KIND]`: how tasks of one kind run.
+/// `[handlers.KIND]`: how tasks of one kind run. Exactly one of `command`
+/// and `builtin` is set; [`crate::handler::HandlerRegistry::from_config`]
+/// turns the table into a typed handler or names what is wrong.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct HandlerConfig {
-    /// The executor class that runs this kind.
-    pub executor: ExecutorClass,
+    /// The executor class (an `[executors.NAME]` table) that runs this kind.
+    pub executor: String,
     /// argv of an exec handler; the payload is never interpolated into it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<Vec<String>>,
-    /// Name of a builtin handler (`noop`, `sleep`), instead of a command.
+    /// A builtin handler, instead of a command.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub builtin: Option<String>,
-    /// Kill the handler and retry after this long; none means no limit but `lease.max_lease`.
+    pub builtin: Option<Builtin>,
+    /// Kill the handler and retry after this long.
     #[serde(
         default,
         with = "humantime_serde",
@@ -224,9 +190,6 @@ pub struct HandlerConfig {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
 }
-
-/// The builtin handler names.
-pub const BUILTINS: [&str; 2] = ["noop", "sleep"];
 
 /// `[http]`
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -264,6 +227,16 @@ pub enum ConfigError {
     },
 }
 
+impl ConfigError {
+    /// A value at `key` that is not allowed, and why.
+    pub fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
 /// Turns the config crate's message into one that leads with the full key:
 /// "unknown field `slot`, expected ... for key `executors.cpu`" becomes
 /// "`executors.cpu.slot`: unknown key (expected ...)".
@@ -288,65 +261,16 @@ fn read_error(message: &str) -> ConfigError {
             None => field.to_string(),
         };
         let expected = expected.trim_start_matches(", ");
-        return invalid(key, format!("unknown key ({expected})"));
+        return ConfigError::invalid(key, format!("unknown key ({expected})"));
     }
     match parent {
-        Some(key) => invalid(key, body),
+        Some(key) => ConfigError::invalid(key, body),
         None => ConfigError::Read(body),
     }
 }
 
-fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key: key.into(),
-        message: message.into(),
-    }
-}
-
-/// The process environment as data, so loading can be tested without
-/// `std::env::set_var`.
-#[derive(Debug, Clone, Default)]
-pub struct Environment {
-    vars: BTreeMap<String, String>,
-}
-
-impl Environment {
-    /// The current process environment.
-    pub fn from_process() -> Self {
-        Self {
-            vars: std::env::vars().collect(),
-        }
-    }
-
-    /// A given set of variables (tests).
-    pub fn from_pairs<K: Into<String>, V: Into<String>>(
-        pairs: impl IntoIterator<Item = (K, V)>,
-    ) -> Self {
-        Self {
-            vars: pairs
-                .into_iter()
-                .map(|(k, v)| (k.into(), v.into()))
-                .collect(),
-        }
-    }
-
-    /// The same environment with one variable set (e.g. the emulator's host).
-    pub fn with(mut self, key: &str, value: &str) -> Self {
-        self.vars.insert(key.to_string(), value.to_string());
-        self
-    }
-
-    /// One variable, treating an empty value as unset.
-    pub fn get(&self, key: &str) -> Option<&str> {
-        self.vars
-            .get(key)
-            .map(String::as_str)
-            .filter(|v| !v.is_empty())
-    }
-}
-
 impl Config {
-    /// Loads the layers and validates the result.
+    /// Loads the layers, fills in derived defaults and validates the result.
     pub fn load(files: &[PathBuf], env: &Environment) -> Result<Config, ConfigError> {
         use config::{File, FileFormat};
         let mut builder =
@@ -372,10 +296,8 @@ impl Config {
         // Only LEASEHOLD__* variables: the config crate would otherwise see
         // every variable of the process.
         let layered: config::Map<String, String> = env
-            .vars
-            .iter()
-            .filter(|(k, _)| k.starts_with("LEASEHOLD__"))
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .with_prefix("LEASEHOLD__")
+            .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         builder = builder.add_source(
             config::Environment::with_prefix("LEASEHOLD")
@@ -385,141 +307,37 @@ impl Config {
                 .source(Some(layered)),
         );
         let raw = builder.build().map_err(|e| read_error(&e.to_string()))?;
-        let config: Config = raw
+        let mut config: Config = raw
             .try_deserialize()
             .map_err(|e| read_error(&e.to_string()))?;
+        config.fill_defaults();
         config.validate()?;
         Ok(config)
     }
 
+    /// Names derived from others: an executor's topic and subscription
+    /// default to `leasehold-tasks-NAME`.
+    fn fill_defaults(&mut self) {
+        for (name, e) in &mut self.executors {
+            for field in [&mut e.topic, &mut e.subscription] {
+                if field.is_empty() {
+                    *field = format!("leasehold-tasks-{name}");
+                }
+            }
+        }
+    }
+
     /// Checks every value against what Pub/Sub and the worker accept.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let p = &self.pubsub;
-        if !is_project_id(&p.project) {
-            return Err(invalid(
-                "pubsub.project",
-                format!("{:?} is not a Google Cloud project id", p.project),
-            ));
-        }
-        let url_like = p.endpoint.starts_with("http://") || p.endpoint.starts_with("https://");
-        if !(p.endpoint.is_empty() || url_like) {
-            return Err(invalid(
-                "pubsub.endpoint",
-                "must be empty or an http:// or https:// URL",
-            ));
-        }
-        if !p.results_topic.is_empty() {
-            check_resource_name("pubsub.results_topic", &p.results_topic)?;
-        }
-        check_resource_name("pubsub.dead_letter_topic", &p.dead_letter_topic)?;
-        check_range("pubsub.ack_deadline", p.ack_deadline, ACK_DEADLINE_RANGE)?;
-        check_range("lease.extension", self.lease.extension, ACK_DEADLINE_RANGE)?;
-        if self.lease.max_lease < self.lease.extension {
-            return Err(invalid(
-                "lease.max_lease",
-                "must be at least lease.extension",
-            ));
-        }
-        let r = &self.retry;
-        if !(1..=100).contains(&r.max_attempts) {
-            return Err(invalid("retry.max_attempts", "must be between 1 and 100"));
-        }
-        if r.min_backoff.is_zero() {
-            return Err(invalid("retry.min_backoff", "must be more than 0s"));
-        }
-        if r.max_backoff < r.min_backoff {
-            return Err(invalid(
-                "retry.max_backoff",
-                "must be at least retry.min_backoff",
-            ));
-        }
-        if r.max_backoff > ACK_DEADLINE_RANGE.1 {
-            return Err(invalid(
-                "retry.max_backoff",
-                "must be at most 10m (the longest ack deadline Pub/Sub accepts)",
-            ));
-        }
-        let e = &self.executors;
-        for class in ExecutorClass::ALL {
-            let (topic, sub) = self.topic_and_subscription(class);
-            check_resource_name(&format!("executors.{class}.topic"), topic)?;
-            check_resource_name(&format!("executors.{class}.subscription"), sub)?;
-        }
-        if e.cpu.enabled && e.gpu.enabled && e.cpu.subscription == e.gpu.subscription {
-            return Err(invalid(
-                "executors.gpu.subscription",
-                "must differ from executors.cpu.subscription",
-            ));
-        }
-        if e.cpu.enabled && e.gpu.enabled && e.cpu.topic == e.gpu.topic {
-            // Two subscriptions on one topic would each get every task.
-            return Err(invalid(
-                "executors.gpu.topic",
-                "must differ from executors.cpu.topic (each subscription would get every task)",
-            ));
-        }
-        if e.cpu.slots > 10_000 {
-            return Err(invalid("executors.cpu.slots", "must be at most 10000"));
-        }
-        if let Devices::List(list) = &e.gpu.devices {
-            if e.gpu.enabled && list.is_empty() {
-                return Err(invalid(
-                    "executors.gpu.devices",
-                    "is empty while the GPU executor is enabled",
-                ));
-            }
-            let mut seen = std::collections::BTreeSet::new();
-            for d in list {
-                if d.is_empty() || !d.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
-                    return Err(invalid(
-                        "executors.gpu.devices",
-                        format!("{d:?} is not a device index or UUID"),
-                    ));
-                }
-                if !seen.insert(d) {
-                    return Err(invalid(
-                        "executors.gpu.devices",
-                        format!("device {d:?} is listed twice"),
-                    ));
-                }
-            }
-        }
-        if !e.cpu.enabled && !e.gpu.enabled {
-            return Err(invalid(
-                "executors",
-                "no executor is enabled; enable executors.cpu or executors.gpu",
-            ));
-        }
-        for (kind, h) in &self.handlers {
-            validate_handler(kind, h)?;
-        }
-        if self.shutdown.kill_grace.is_zero() {
-            return Err(invalid("shutdown.kill_grace", "must be more than 0s"));
-        }
-        Ok(())
+        validate::validate(self)
     }
 
-    /// The topic and subscription of one executor class.
-    pub fn topic_and_subscription(&self, class: ExecutorClass) -> (&str, &str) {
-        match class {
-            ExecutorClass::Cpu => (&self.executors.cpu.topic, &self.executors.cpu.subscription),
-            ExecutorClass::Gpu => (&self.executors.gpu.topic, &self.executors.gpu.subscription),
-        }
-    }
-
-    /// Whether this worker runs the class.
-    pub fn is_enabled(&self, class: ExecutorClass) -> bool {
-        match class {
-            ExecutorClass::Cpu => self.executors.cpu.enabled,
-            ExecutorClass::Gpu => self.executors.gpu.enabled,
-        }
-    }
-
-    /// The enabled classes, in a fixed order.
-    pub fn enabled_classes(&self) -> impl Iterator<Item = ExecutorClass> + '_ {
-        ExecutorClass::ALL
-            .into_iter()
-            .filter(|c| self.is_enabled(*c))
+    /// The enabled executor classes, by name, in a fixed (sorted) order.
+    pub fn enabled_executors(&self) -> impl Iterator<Item = (&str, &ExecutorConfig)> {
+        self.executors
+            .iter()
+            .filter(|(_, e)| e.enabled)
+            .map(|(name, e)| (name.as_str(), e))
     }
 
     /// The subscription's dead-letter policy bound: a safety net above the
@@ -529,99 +347,6 @@ impl Config {
         // counts as a delivery, and must not dead-letter a task early.
         (self.retry.max_attempts as i32 + 2).clamp(5, 100)
     }
-}
-
-fn validate_handler(kind: &str, h: &HandlerConfig) -> Result<(), ConfigError> {
-    let key = |k: &str| format!("handlers.{kind}.{k}");
-    if !kind
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-    {
-        return Err(invalid(
-            format!("handlers.{kind}"),
-            "a kind may use only letters, digits, '-', '_' and '.'",
-        ));
-    }
-    match (&h.command, &h.builtin) {
-        (Some(_), Some(_)) => {
-            return Err(invalid(
-                format!("handlers.{kind}"),
-                "set either command or builtin, not both",
-            ));
-        }
-        (None, None) => {
-            return Err(invalid(
-                format!("handlers.{kind}"),
-                "set command (an argv list) or builtin",
-            ));
-        }
-        (Some(argv), None) if argv.is_empty() || argv[0].is_empty() => {
-            return Err(invalid(key("command"), "must name a program"));
-        }
-        (None, Some(b)) if !BUILTINS.contains(&b.as_str()) => {
-            return Err(invalid(
-                key("builtin"),
-                format!("unknown builtin {b:?}; known: {}", BUILTINS.join(", ")),
-            ));
-        }
-        _ => {}
-    }
-    if h.timeout.is_some_and(|t| t.is_zero()) {
-        return Err(invalid(key("timeout"), "must be more than 0s"));
-    }
-    if let Some(code) = h
-        .permanent_exit_codes
-        .iter()
-        .find(|c| !(1..=255).contains(*c))
-    {
-        return Err(invalid(
-            key("permanent_exit_codes"),
-            format!("{code} is not an exit code between 1 and 255"),
-        ));
-    }
-    Ok(())
-}
-
-fn check_range(key: &str, d: Duration, (lo, hi): (Duration, Duration)) -> Result<(), ConfigError> {
-    if d < lo || d > hi {
-        return Err(invalid(
-            key,
-            format!(
-                "{} is outside {}..{}",
-                humantime::format_duration(d),
-                humantime::format_duration(lo),
-                humantime::format_duration(hi)
-            ),
-        ));
-    }
-    Ok(())
-}
-
-/// Pub/Sub topic and subscription ids: 3..255 characters, starting with a
-/// letter, of letters, digits and `-_.~+%`, not starting with `goog`.
-pub fn check_resource_name(key: &str, name: &str) -> Result<(), ConfigError> {
-    let ok = (3..=255).contains(&name.len())
-        && name.starts_with(|c: char| c.is_ascii_alphabetic())
-        && !name.starts_with("goog")
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.~+%".contains(c));
-    if ok {
-        Ok(())
-    } else {
-        Err(invalid(
-            key,
-            format!(
-                "{name:?} is not a Pub/Sub resource id (3-255 letters, digits, -_.~+%, starting with a letter)"
-            ),
-        ))
-    }
-}
-
-fn is_project_id(p: &str) -> bool {
-    (1..=100).contains(&p.len())
-        && p.chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == ':' || c == '.')
 }
 
 #[cfg(test)]

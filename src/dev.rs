@@ -14,7 +14,7 @@ use crate::emulator::Emulator;
 use crate::metrics::Metrics;
 use crate::pubsub::Connection;
 use crate::pubsub::admin::setup;
-use crate::pubsub::publisher::{NewTask, publish_tasks};
+use crate::pubsub::producer::{NewTask, publish_tasks};
 use crate::worker::RunOptions;
 
 /// The demo configuration, used when no `--config` is given.

@@ -25,6 +25,19 @@ pub enum Disposition {
     Release,
 }
 
+impl Disposition {
+    /// The outcome name of result events and of
+    /// `leasehold_tasks_finished_total{outcome}`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Disposition::Ack => "succeeded",
+            Disposition::Retry { .. } => "retrying",
+            Disposition::DeadLetter { .. } => "dead_lettered",
+            Disposition::Release => "released",
+        }
+    }
+}
+
 /// The backoff before attempt `attempt + 1`:
 /// `min(min_backoff × 2^(attempt-1), max_backoff)`.
 pub fn backoff(attempt: u32, retry: &RetryConfig) -> Duration {

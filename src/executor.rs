@@ -1,149 +1,150 @@
-//! Executors: a class's capacity, behind one small trait. Each enabled class
-//! has its own subscription, its own slots and its own puller, so a busy GPU
-//! never blocks CPU work and the reverse.
+//! Executors: one class's capacity. Each enabled `[executors.NAME]` table
+//! is one [`Executor`] with its own subscription, slots and pull loops, so a
+//! busy GPU never blocks CPU work and the reverse.
 //!
-//! A slot is a semaphore permit, acquired *before* pulling (so a worker never
-//! holds a message it cannot start) and moved into the task as a [`Slot`]; on
-//! the GPU executor the slot also carries the one device the task may see.
-//! A new executor class is one more implementation of [`Executor`].
+//! A class is data (name, subscription, slots, optional devices), not a type:
+//! a GPU executor is an executor whose slots each own one device.
+//! Capacity is a semaphore permit, acquired *before* pulling (so a worker
+//! never holds a message it cannot start) and moved into the task as a
+//! [`Slot`] once a message arrived for it.
 
-pub mod cpu;
 pub mod discovery;
-pub mod gpu;
+mod slots;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::config::{Config, Environment, ExecutorClass};
+use crate::config::{Environment, ExecutorConfig};
 
-pub use cpu::CpuExecutor;
-pub use gpu::GpuExecutor;
+pub use slots::Slot;
+use slots::SlotPool;
 
-/// What the puller and dispatcher need of an executor.
-pub trait Executor: Send + Sync + std::fmt::Debug {
-    /// Which class it serves.
-    fn class(&self) -> ExecutorClass;
-    /// Its subscription id.
-    fn subscription(&self) -> &str;
-    /// Capacity: tasks at once.
-    fn slots(&self) -> usize;
-    /// The free-slot permits.
-    fn permits(&self) -> &Arc<Semaphore>;
-    /// Turns a permit into a running task's slot.
-    fn slot(&self, permit: OwnedSemaphorePermit) -> Slot;
-    /// The devices it pins tasks to, if any (for logs and check-config).
-    fn devices(&self) -> Option<Vec<String>> {
-        None
-    }
+/// The capacity of one executor class.
+#[derive(Debug)]
+pub struct Executor {
+    /// The class name (`cpu`, `gpu`, ...): metric label and handler routing key.
+    name: String,
+    /// The subscription its pull loops read.
+    subscription: String,
+    /// One permit per free slot.
+    permits: Arc<Semaphore>,
+    /// Which slots (and devices) are free: as many as free permits.
+    pool: Arc<SlotPool>,
 }
 
-impl dyn Executor {
-    /// Waits for one free slot's permit.
-    pub async fn acquire(&self) -> OwnedSemaphorePermit {
-        self.permits()
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the slot semaphore is never closed")
-    }
-
-    /// Another free permit, if one is free now.
-    pub fn try_acquire(&self) -> Option<OwnedSemaphorePermit> {
-        self.permits().clone().try_acquire_owned().ok()
-    }
-
-    /// Slots free now.
-    pub fn free_slots(&self) -> usize {
-        self.permits().available_permits()
-    }
-}
+/// A free slot, reserved before pulling; [`Executor::slot`] turns it into the
+/// running task's [`Slot`]. Dropping it unused frees the slot again.
+#[derive(Debug)]
+pub struct Permit(OwnedSemaphorePermit);
 
 /// A failure that keeps the worker from starting.
 #[derive(Debug, thiserror::Error)]
 pub enum ExecutorError {
-    /// GPU discovery found nothing.
-    #[error(transparent)]
-    Gpu(#[from] discovery::DiscoveryError),
+    /// GPU discovery found nothing for an executor that pins devices.
+    #[error(
+        "executors.{executor}: {source}; set executors.{executor}.devices or disable executors.{executor}"
+    )]
+    Devices {
+        /// The class name.
+        executor: String,
+        /// What discovery found.
+        source: discovery::DiscoveryError,
+    },
 }
 
-/// Builds the executor of `class` from the configuration (GPU devices are
-/// discovered here).
-pub fn build(
-    class: ExecutorClass,
-    config: &Config,
-    env: &Environment,
-) -> Result<Arc<dyn Executor>, ExecutorError> {
-    let subscription = config.topic_and_subscription(class).1.to_string();
-    Ok(match class {
-        ExecutorClass::Cpu => {
-            let slots = match config.executors.cpu.slots {
-                0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-                n => n,
-            };
-            Arc::new(CpuExecutor::new(subscription, slots))
-        }
-        ExecutorClass::Gpu => {
-            let devices = discovery::resolve(&config.executors.gpu.devices, env)?;
-            Arc::new(GpuExecutor::new(subscription, devices))
-        }
-    })
-}
+impl Executor {
+    /// An executor of `slots` interchangeable slots.
+    pub fn new(name: &str, subscription: &str, slots: usize) -> Executor {
+        Executor::with_pool(name, subscription, SlotPool::new(slots, None))
+    }
 
-/// A running task's share of an executor. Dropping it frees the slot (and
-/// returns its device first, so the next holder always finds one).
-#[derive(Debug)]
-pub struct Slot {
-    device: Option<String>,
-    pool: Option<Arc<Mutex<Vec<String>>>>,
-    _permit: OwnedSemaphorePermit,
-}
+    /// An executor with one slot per device, each task pinned to its device.
+    pub fn with_devices(name: &str, subscription: &str, devices: Vec<String>) -> Executor {
+        Executor::with_pool(
+            name,
+            subscription,
+            SlotPool::new(devices.len(), Some(devices)),
+        )
+    }
 
-impl Slot {
-    /// A slot with no device.
-    pub fn plain(permit: OwnedSemaphorePermit) -> Slot {
-        Slot {
-            device: None,
-            pool: None,
-            _permit: permit,
+    fn with_pool(name: &str, subscription: &str, pool: SlotPool) -> Executor {
+        Executor {
+            name: name.to_string(),
+            subscription: subscription.to_string(),
+            permits: Arc::new(Semaphore::new(pool.len())),
+            pool: Arc::new(pool),
         }
     }
 
-    /// A slot holding `device`, returned to `pool` on drop.
-    pub fn with_device(
-        permit: OwnedSemaphorePermit,
-        device: String,
-        pool: Arc<Mutex<Vec<String>>>,
-    ) -> Slot {
-        Slot {
-            device: Some(device),
-            pool: Some(pool),
-            _permit: permit,
-        }
+    /// Builds the executor of `[executors.NAME]` (GPU devices are discovered here).
+    pub fn build(
+        name: &str,
+        config: &ExecutorConfig,
+        env: &Environment,
+    ) -> Result<Executor, ExecutorError> {
+        Ok(match &config.devices {
+            Some(devices) => {
+                let devices =
+                    discovery::resolve(devices, env).map_err(|source| ExecutorError::Devices {
+                        executor: name.to_string(),
+                        source,
+                    })?;
+                Executor::with_devices(name, &config.subscription, devices)
+            }
+            None => {
+                let slots = match config.slots {
+                    0 => std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+                    n => n,
+                };
+                Executor::new(name, &config.subscription, slots)
+            }
+        })
     }
 
-    /// The GPU device this task holds, if any.
-    pub fn device(&self) -> Option<&str> {
-        self.device.as_deref()
+    /// The class name.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
-    /// Environment that pins the handler to its device.
-    pub fn env(&self) -> Vec<(String, String)> {
-        match &self.device {
-            Some(d) => vec![
-                ("CUDA_VISIBLE_DEVICES".to_string(), d.clone()),
-                ("NVIDIA_VISIBLE_DEVICES".to_string(), d.clone()),
-            ],
-            None => Vec::new(),
-        }
+    /// The subscription id its tasks arrive on.
+    pub fn subscription(&self) -> &str {
+        &self.subscription
     }
-}
 
-impl Drop for Slot {
-    fn drop(&mut self) {
-        // Runs before the permit field is dropped.
-        if let (Some(device), Some(pool)) = (self.device.take(), &self.pool) {
-            pool.lock().expect("device pool lock").push(device);
-        }
+    /// Capacity: tasks at once.
+    pub fn slots(&self) -> usize {
+        self.pool.len()
+    }
+
+    /// The devices it pins tasks to, if any (logs and `check-config`).
+    pub fn devices(&self) -> Option<&[String]> {
+        self.pool.devices()
+    }
+
+    /// Waits for a free slot.
+    pub async fn acquire(&self) -> Permit {
+        Permit(
+            self.permits
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("the slot semaphore is never closed"),
+        )
+    }
+
+    /// Another free slot, if one is free now.
+    pub fn try_acquire(&self) -> Option<Permit> {
+        self.permits.clone().try_acquire_owned().ok().map(Permit)
+    }
+
+    /// Slots free now.
+    pub fn free_slots(&self) -> usize {
+        self.permits.available_permits()
+    }
+
+    /// Turns a reserved permit into the running task's slot (and device).
+    pub fn slot(&self, permit: Permit) -> Slot {
+        Slot::take(&self.pool, permit.0)
     }
 }

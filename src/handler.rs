@@ -2,8 +2,9 @@
 //!
 //! A [`Handler`] is built from `[handlers.KIND]`: an exec handler (a command,
 //! payload on stdin) or a builtin. The [`HandlerRegistry`] maps kinds to
-//! handlers and their executor class; adding a new kind of handler means a
-//! new variant here and its module beside this file.
+//! handlers and their executor class. A new builtin is one variant of
+//! [`Builtin`] and its arm in `Builtin::run`; a new kind of handler is a
+//! variant here and its module beside this file.
 
 pub mod builtin;
 pub mod exec;
@@ -13,7 +14,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, ExecutorClass, HandlerConfig};
+use crate::config::{Config, ConfigError, HandlerConfig};
 use crate::task::Task;
 
 pub use builtin::Builtin;
@@ -32,7 +33,7 @@ pub enum Handler {
 #[derive(Debug, Clone)]
 pub struct Registered {
     /// The executor class named by `handlers.KIND.executor`.
-    pub executor: ExecutorClass,
+    pub executor: String,
     /// How to run it.
     pub handler: Handler,
 }
@@ -64,6 +65,17 @@ pub enum Outcome {
         /// The last 4 KiB of stderr, for the result event.
         stderr_tail: String,
     },
+}
+
+/// A finished run: how it ended and when it ran (for metrics and result events).
+#[derive(Debug, Clone)]
+pub struct Ran {
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Wall-clock start, for the result event.
+    pub started_at: time::OffsetDateTime,
+    /// How long it ran.
+    pub duration: Duration,
 }
 
 /// The ways a run fails.
@@ -108,19 +120,54 @@ impl Failure {
 }
 
 impl Handler {
-    /// Builds the handler of one `[handlers.KIND]` table (already validated).
-    pub fn from_config(h: &HandlerConfig) -> Handler {
-        match (&h.command, &h.builtin) {
-            (Some(argv), _) => Handler::Exec(ExecHandler {
-                argv: argv.clone(),
-                timeout: h.timeout,
-                permanent_exit_codes: h.permanent_exit_codes.clone(),
-                env: h.env.clone().into_iter().collect(),
-            }),
-            (None, Some(name)) => Handler::Builtin(
-                Builtin::from_name(name).expect("builtin names are validated with the config"),
-            ),
-            (None, None) => unreachable!("validated: command or builtin is set"),
+    /// Builds the handler of one `[handlers.KIND]` table, or names the key
+    /// that keeps it from running. Used by validation and by the worker
+    /// alike, so an invalid spec never reaches run time.
+    pub fn from_config(kind: &str, h: &HandlerConfig) -> Result<Handler, ConfigError> {
+        let key = |k: &str| format!("handlers.{kind}.{k}");
+        if kind.is_empty()
+            || !kind
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        {
+            return Err(ConfigError::invalid(
+                format!("handlers.{kind}"),
+                "a kind may use only letters, digits, '-', '_' and '.'",
+            ));
+        }
+        if h.timeout.is_some_and(|t| t.is_zero()) {
+            return Err(ConfigError::invalid(key("timeout"), "must be more than 0s"));
+        }
+        if let Some(code) = h
+            .permanent_exit_codes
+            .iter()
+            .find(|c| !(1..=255).contains(*c))
+        {
+            return Err(ConfigError::invalid(
+                key("permanent_exit_codes"),
+                format!("{code} is not an exit code between 1 and 255"),
+            ));
+        }
+        match (&h.command, h.builtin) {
+            (Some(_), Some(_)) => Err(ConfigError::invalid(
+                format!("handlers.{kind}"),
+                "set either command or builtin, not both",
+            )),
+            (None, None) => Err(ConfigError::invalid(
+                format!("handlers.{kind}"),
+                "set command (an argv list) or builtin",
+            )),
+            (Some(argv), None) => match argv.split_first() {
+                Some((program, args)) if !program.is_empty() => Ok(Handler::Exec(ExecHandler {
+                    program: program.clone(),
+                    args: args.to_vec(),
+                    timeout: h.timeout,
+                    permanent_exit_codes: h.permanent_exit_codes.clone(),
+                    env: h.env.clone().into_iter().collect(),
+                })),
+                _ => Err(ConfigError::invalid(key("command"), "must name a program")),
+            },
+            (None, Some(builtin)) => Ok(Handler::Builtin(builtin)),
         }
     }
 
@@ -140,23 +187,17 @@ pub struct HandlerRegistry {
 }
 
 impl HandlerRegistry {
-    /// One handler per `[handlers.KIND]`.
-    pub fn from_config(config: &Config) -> Self {
-        HandlerRegistry {
-            handlers: config
-                .handlers
-                .iter()
-                .map(|(kind, h)| {
-                    (
-                        kind.clone(),
-                        Registered {
-                            executor: h.executor,
-                            handler: Handler::from_config(h),
-                        },
-                    )
-                })
-                .collect(),
+    /// One handler per `[handlers.KIND]`, or the first table that cannot run.
+    pub fn from_config(config: &Config) -> Result<Self, ConfigError> {
+        let mut handlers = BTreeMap::new();
+        for (kind, h) in &config.handlers {
+            let registered = Registered {
+                executor: h.executor.clone(),
+                handler: Handler::from_config(kind, h)?,
+            };
+            handlers.insert(kind.clone(), registered);
         }
+        Ok(HandlerRegistry { handlers })
     }
 
     /// The handler of `kind`, if any.
@@ -164,11 +205,11 @@ impl HandlerRegistry {
         self.handlers.get(kind)
     }
 
-    /// Kinds served by `class`.
-    pub fn kinds_of(&self, class: ExecutorClass) -> impl Iterator<Item = &str> {
+    /// Kinds served by the executor class `executor`.
+    pub fn kinds_of<'a>(&'a self, executor: &'a str) -> impl Iterator<Item = &'a str> {
         self.handlers
             .iter()
-            .filter(move |(_, r)| r.executor == class)
+            .filter(move |(_, r)| r.executor == executor)
             .map(|(k, _)| k.as_str())
     }
 }

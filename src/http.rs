@@ -4,7 +4,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
 use axum::extract::State;
@@ -13,37 +12,8 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use tokio_util::sync::CancellationToken;
 
+use crate::health::Health;
 use crate::metrics::Metrics;
-use crate::puller::Activity;
-
-/// What the probes read.
-#[derive(Debug, Default)]
-pub struct Health {
-    /// One per executor: whether its last Pull succeeded.
-    pub activities: std::sync::Mutex<Vec<Arc<Activity>>>,
-    /// Set at SIGTERM: not ready any more, so no new traffic is expected.
-    pub stopping: AtomicBool,
-    /// Set when a loop that must run until shutdown ended: restart me.
-    pub broken: AtomicBool,
-}
-
-impl Health {
-    /// Readiness, with the reason when not ready.
-    pub fn ready(&self) -> Result<(), &'static str> {
-        if self.stopping.load(Ordering::Relaxed) {
-            return Err("shutting down");
-        }
-        let activities = self.activities.lock().expect("health lock");
-        if activities.is_empty() {
-            return Err("starting");
-        }
-        if activities.iter().all(|a| a.pull_ok.load(Ordering::Relaxed)) {
-            Ok(())
-        } else {
-            Err("Pub/Sub is not answering Pull (or has not yet)")
-        }
-    }
-}
 
 #[derive(Clone)]
 struct AppState {
@@ -62,7 +32,7 @@ async fn metrics_text(State(s): State<AppState>) -> impl IntoResponse {
 }
 
 async fn healthz(State(s): State<AppState>) -> impl IntoResponse {
-    if s.health.broken.load(Ordering::Relaxed) {
+    if !s.health.alive() {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             "a worker loop ended unexpectedly\n",

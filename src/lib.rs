@@ -7,32 +7,35 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: layered, validated configuration.
-//! - [`task`]: a task decoded from a message.
-//! - [`pubsub`]: connection, data-plane stub, admin (`setup`) and publishing.
-//! - [`lease`]: the pure lease book and the loop that extends, acks and releases.
-//! - [`puller`]: `Pull(max_messages = free slots)` per executor.
-//! - [`executor`]: slots and GPU devices.
-//! - [`dispatch`]: routing a task to its handler and deciding its fate.
-//! - [`handler`]: exec and builtin handlers.
-//! - [`disposition`]: ack, retry with backoff, dead-letter, release.
-//! - [`results`]: result events on the results topic.
-//! - [`worker`]: all of the above plus the shutdown sequence.
-//! - [`metrics`], [`telemetry`], [`http`]: Prometheus metrics, logs, probes.
-//! - [`emulator`], [`dev`]: the local Pub/Sub emulator and `leasehold dev`.
-//! - [`cli`]: the command line.
+//! One message, in the order it meets them:
+//!
+//! - [`puller`]: `Pull(max_messages = free slots)` per executor; each pulled
+//!   message becomes a [`lease::Lease`] and a task in a slot.
+//! - [`lease`]: the lease value, the pure lease book, and the loop that
+//!   extends, acks and releases in batches.
+//! - [`dispatch`]: decode ([`task`]), route to the kind's [`handler`], run in
+//!   the [`executor`]'s slot, decide the [`disposition`], end the lease.
+//! - [`dead_letter`], [`results`]: what is published about a task.
+//! - [`worker`]: all of the above per executor, plus the shutdown sequence.
+//!
+//! Around them: [`config`] (layered, validated configuration), [`pubsub`]
+//! (connection, data plane, publisher, producer, `setup`), [`health`],
+//! [`metrics`], [`telemetry`] and [`http`] (probes, metrics, logs),
+//! [`emulator`] and [`dev`] (the local demo), and [`cli`].
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod cli;
 pub mod config;
+pub mod dead_letter;
 pub mod dev;
 pub mod dispatch;
 pub mod disposition;
 pub mod emulator;
 pub mod executor;
 pub mod handler;
+pub mod health;
 pub mod http;
 pub mod lease;
 pub mod metrics;

@@ -1,11 +1,19 @@
-//! Result events: one per outcome (`succeeded`, `retrying`, `dead_lettered`,
-//! `released`) on the results topic, for producers and dashboards to follow
-//! their tasks. Published in the background: a slow or failing results topic
-//! never delays or changes a task's own disposition.
+//! Result events: one per ending of a task (`succeeded`, `retrying`,
+//! `dead_lettered`, `released`) on the results topic, for producers and
+//! dashboards to follow their tasks. Built here, in one place, and published
+//! in the background: a slow or failing results topic never delays or
+//! changes a task's own disposition.
 
-use google_cloud_pubsub::client::Publisher;
-use google_cloud_pubsub::model::Message;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
 use serde::Serialize;
+use tokio_util::task::TaskTracker;
+
+use crate::disposition::Disposition;
+use crate::handler::{Failure, Outcome, Ran};
+use crate::pubsub::{Outgoing, Publisher, ReceivedMessage};
+use crate::task::{KIND_ATTRIBUTE, TASK_ID_ATTRIBUTE, Task};
 
 /// The JSON body of a result event (DESIGN.md, "Result event").
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -42,36 +50,131 @@ pub struct ResultEvent {
     pub result: Option<serde_json::Value>,
 }
 
+/// Where a task ran, for its events.
+#[derive(Debug, Clone, Copy)]
+pub struct Place<'a> {
+    /// The executor class.
+    pub executor: &'a str,
+    /// The device it held, if any.
+    pub device: Option<&'a str>,
+}
+
 /// Publishes result events, or nothing when `pubsub.results_topic` is empty.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Results {
-    /// The results topic's publisher; `None` disables events.
-    pub publisher: Option<Publisher>,
+    /// The publisher and the results topic; `None` disables events.
+    sink: Option<(Arc<dyn Publisher>, String)>,
+    /// This worker's name in events (the pod name).
+    worker: String,
+    /// Where publishes run, so shutdown waits for them.
+    background: TaskTracker,
 }
 
 impl Results {
-    /// Whether events are published at all (`pubsub.results_topic` not empty).
-    pub fn enabled(&self) -> bool {
-        self.publisher.is_some()
+    /// Events to `topic` ("" disables them), published on `background`.
+    pub fn new(
+        publisher: Arc<dyn Publisher>,
+        topic: &str,
+        worker: String,
+        background: TaskTracker,
+    ) -> Results {
+        Results {
+            sink: (!topic.is_empty()).then(|| (publisher, topic.to_string())),
+            worker,
+            background,
+        }
     }
 
-    /// Publishes one event; the official publisher retries transient errors.
-    /// Returns the error text if it still failed (the caller only logs it).
-    pub async fn publish(&self, event: &ResultEvent) -> Result<(), String> {
-        let Some(publisher) = &self.publisher else {
-            return Ok(());
+    /// The event of a task that ran and ended as `disposition`.
+    pub fn ran(&self, task: &Task, place: Place<'_>, ran: &Ran, disposition: &Disposition) {
+        self.emit(|| {
+            let (result, stderr, exit_code, failure) = match &ran.outcome {
+                Outcome::Succeeded { result } => (result.clone(), None, Some(0), None),
+                Outcome::Failed {
+                    failure,
+                    stderr_tail,
+                } => {
+                    let code = match failure {
+                        Failure::Exit { code, .. } => Some(*code),
+                        _ => None,
+                    };
+                    let stderr = Some(stderr_tail.clone()).filter(|s| !s.is_empty());
+                    (None, stderr, code, Some(failure.to_string()))
+                }
+            };
+            let error = match disposition {
+                Disposition::DeadLetter { reason } => Some(reason.clone()),
+                _ => failure,
+            };
+            ResultEvent {
+                task_id: task.task_id.clone(),
+                message_id: task.message_id.clone(),
+                kind: task.kind.clone(),
+                executor: place.executor.to_string(),
+                device: place.device.map(str::to_string),
+                outcome: disposition.label().to_string(),
+                attempt: task.attempt,
+                exit_code,
+                error,
+                stderr,
+                started_at: Some(rfc3339(ran.started_at)),
+                finished_at: now_rfc3339(),
+                duration_seconds: ran.duration.as_secs_f64(),
+                worker: self.worker.clone(),
+                result,
+            }
+        });
+    }
+
+    /// The event of a message dead-lettered without running (undecodable,
+    /// unroutable), described from its raw attributes.
+    pub fn refused(&self, received: &ReceivedMessage, executor: &str, reason: &str) {
+        self.emit(|| {
+            let message = received.message.clone().unwrap_or_default();
+            let attribute = |name: &str| message.attributes.get(name).cloned();
+            ResultEvent {
+                task_id: attribute(TASK_ID_ATTRIBUTE).unwrap_or_else(|| message.message_id.clone()),
+                message_id: message.message_id.clone(),
+                kind: attribute(KIND_ATTRIBUTE).unwrap_or_default(),
+                executor: executor.to_string(),
+                device: None,
+                outcome: "dead_lettered".into(),
+                attempt: received.delivery_attempt.max(1).unsigned_abs(),
+                exit_code: None,
+                error: Some(reason.to_string()),
+                stderr: None,
+                started_at: None,
+                finished_at: now_rfc3339(),
+                duration_seconds: 0.0,
+                worker: self.worker.clone(),
+                result: None,
+            }
+        });
+    }
+
+    /// Publishes an event in the background. The event is built only when
+    /// events are enabled: this is on every task's path.
+    fn emit(&self, event: impl FnOnce() -> ResultEvent) {
+        let Some((publisher, topic)) = &self.sink else {
+            return;
         };
-        let data = serde_json::to_vec(event).map_err(|e| e.to_string())?;
-        let attributes = [
-            ("task_id", event.task_id.as_str()),
-            ("kind", event.kind.as_str()),
-            ("outcome", event.outcome.as_str()),
-        ];
-        publisher
-            .publish(Message::new().set_data(data).set_attributes(attributes))
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+        let event = event();
+        let (publisher, topic) = (publisher.clone(), topic.clone());
+        self.background.spawn(async move {
+            let data = serde_json::to_vec(&event).expect("a result event serialises");
+            let attributes = BTreeMap::from([
+                ("task_id".to_string(), event.task_id.clone()),
+                ("kind".to_string(), event.kind.clone()),
+                ("outcome".to_string(), event.outcome.clone()),
+            ]);
+            if let Err(e) = publisher
+                .publish(&topic, Outgoing { data, attributes })
+                .await
+            {
+                tracing::warn!(task_id = %event.task_id, outcome = %event.outcome, error = %e,
+                    "could not publish the result event; the task's own outcome is unaffected");
+            }
+        });
     }
 }
 

@@ -4,6 +4,8 @@ use std::collections::BTreeMap;
 
 use time::OffsetDateTime;
 
+use crate::pubsub::ReceivedMessage;
+
 /// Attribute that names the handler.
 pub const KIND_ATTRIBUTE: &str = "kind";
 /// Attribute with the producer's task id (defaults to the message id).
@@ -39,10 +41,31 @@ pub enum DecodeError {
     /// An empty `kind` is as good as none.
     #[error("the message's `kind` attribute is empty")]
     EmptyKind,
+    /// Pub/Sub delivered an ack id without a message.
+    #[error("the received message has no body")]
+    NoBody,
 }
 
 impl Task {
-    /// Decodes a received message.
+    /// The task of a message as Pull delivered it.
+    pub fn from_received(received: &ReceivedMessage) -> Result<Task, DecodeError> {
+        let message = received.message.as_ref().ok_or(DecodeError::NoBody)?;
+        let publish_time = message.publish_time.as_ref().and_then(|t| {
+            OffsetDateTime::from_unix_timestamp_nanos(
+                i128::from(t.seconds) * 1_000_000_000 + i128::from(t.nanos),
+            )
+            .ok()
+        });
+        Task::decode(
+            message.message_id.clone(),
+            message.attributes.clone().into_iter().collect(),
+            message.data.clone(),
+            received.delivery_attempt,
+            publish_time,
+        )
+    }
+
+    /// Decodes a message's parts.
     pub fn decode(
         message_id: String,
         mut attributes: BTreeMap<String, String>,
@@ -104,6 +127,35 @@ mod tests {
         let t = Task::decode("m1".into(), attrs(&[("kind", "k")]), vec![], 0, None).unwrap();
         assert_eq!(t.task_id, "m1");
         assert_eq!(t.attempt, 1);
+    }
+
+    #[test]
+    fn a_received_message_decodes_with_its_publish_time_and_attempt() {
+        let received = ReceivedMessage {
+            ack_id: "a".into(),
+            delivery_attempt: 2,
+            message: Some(crate::pubsub::PubsubMessage {
+                message_id: "m9".into(),
+                attributes: [("kind".to_string(), "k".to_string())].into(),
+                data: b"x".to_vec(),
+                publish_time: Some(prost_types::Timestamp {
+                    seconds: 1_700_000_000,
+                    nanos: 5,
+                }),
+                ..Default::default()
+            }),
+        };
+        let t = Task::from_received(&received).unwrap();
+        assert_eq!((t.task_id.as_str(), t.attempt), ("m9", 2));
+        assert_eq!(
+            t.publish_time.unwrap().unix_timestamp_nanos(),
+            1_700_000_000_000_000_005
+        );
+        let empty = ReceivedMessage {
+            message: None,
+            ..received
+        };
+        assert_eq!(Task::from_received(&empty), Err(DecodeError::NoBody));
     }
 
     #[test]

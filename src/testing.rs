@@ -1,10 +1,16 @@
-//! Hand-written fakes shared by the unit tests.
+//! Hand-written fakes shared by the unit tests: a data plane that behaves
+//! like one in-memory subscription, and a publisher that records.
 
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
+use std::time::Duration;
 
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::pubsub::{DataPlane, ReceivedMessage, RpcError};
+use crate::pubsub::{
+    DataPlane, Outgoing, PublishFailed, Publisher, PubsubMessage, ReceivedMessage, RpcError,
+};
 
 /// One recorded data-plane call.
 #[derive(Debug, Clone, PartialEq)]
@@ -14,14 +20,52 @@ pub enum Call {
     Modify { ids: Vec<String>, seconds: i32 },
 }
 
-/// A data plane that records calls and can be told to fail.
+/// How long the fake's Pull waits for a message before answering empty.
+const LONG_POLL: Duration = Duration::from_secs(5);
+/// The ack deadline a pulled message starts with.
+const ACK_DEADLINE: Duration = Duration::from_secs(10);
+
+/// A message someone pulled and has not acked.
+#[derive(Debug)]
+struct Outstanding {
+    message: ReceivedMessage,
+    deadline: Instant,
+}
+
+/// A data plane that records every call and behaves like one subscription:
+/// pulled messages come back (with `delivery_attempt + 1` and a new ack id)
+/// when their deadline passes, a ModifyAckDeadline moves the deadline, an
+/// Acknowledge removes them. It can be told to fail.
 #[derive(Debug, Default)]
 pub struct FakeDataPlane {
-    pub calls: Mutex<Vec<(Instant, Call)>>,
+    calls: Mutex<Vec<(Instant, Call)>>,
     /// While true, ModifyAckDeadline and Acknowledge fail with Unavailable.
-    pub failing: Mutex<bool>,
-    /// Messages the next Pull returns.
-    pub to_pull: Mutex<Vec<ReceivedMessage>>,
+    failing: Mutex<bool>,
+    /// While set, Pull fails with this code.
+    pull_failing: Mutex<Option<tonic::Code>>,
+    queue: Mutex<VecDeque<ReceivedMessage>>,
+    outstanding: Mutex<HashMap<String, Outstanding>>,
+    arrived: Notify,
+}
+
+/// A received message of `kind` (None: no `kind` attribute) with `data`, as
+/// Pull would return it for the first time.
+pub fn message(id: &str, kind: Option<&str>, data: &str) -> ReceivedMessage {
+    let mut attributes = BTreeMap::new();
+    if let Some(kind) = kind {
+        attributes.insert("kind".to_string(), kind.to_string());
+    }
+    attributes.insert("task_id".to_string(), id.to_string());
+    ReceivedMessage {
+        ack_id: format!("{id}#1"),
+        delivery_attempt: 1,
+        message: Some(PubsubMessage {
+            message_id: format!("m-{id}"),
+            attributes: attributes.into_iter().collect(),
+            data: data.as_bytes().to_vec(),
+            ..Default::default()
+        }),
+    }
 }
 
 impl FakeDataPlane {
@@ -31,6 +75,27 @@ impl FakeDataPlane {
 
     pub fn set_failing(&self, failing: bool) {
         *self.failing.lock().unwrap() = failing;
+    }
+
+    pub fn set_pull_failing(&self, code: Option<tonic::Code>) {
+        *self.pull_failing.lock().unwrap() = code;
+    }
+
+    /// Publishes a message to the fake subscription.
+    pub fn push(&self, message: ReceivedMessage) {
+        self.queue.lock().unwrap().push_back(message);
+        self.arrived.notify_waiters();
+    }
+
+    /// Messages pulled and neither acked nor back in the queue.
+    pub fn outstanding(&self) -> usize {
+        self.outstanding.lock().unwrap().len()
+    }
+
+    /// Messages waiting to be pulled (released ones and lapsed leases included).
+    pub fn queued(&self) -> usize {
+        self.redeliver_expired();
+        self.queue.lock().unwrap().len()
     }
 
     fn record(&self, call: Call) -> Result<(), RpcError> {
@@ -44,19 +109,87 @@ impl FakeDataPlane {
         }
         Ok(())
     }
+
+    /// Moves messages whose deadline passed back to the queue, as Pub/Sub
+    /// redelivers them; returns when the next one will pass.
+    fn redeliver_expired(&self) -> Option<Instant> {
+        let now = Instant::now();
+        let mut outstanding = self.outstanding.lock().unwrap();
+        let expired: Vec<String> = outstanding
+            .iter()
+            .filter(|(_, o)| o.deadline <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        let mut queue = self.queue.lock().unwrap();
+        for id in expired {
+            let mut m = outstanding.remove(&id).unwrap().message;
+            m.delivery_attempt += 1;
+            let base = m.ack_id.split('#').next().unwrap_or_default().to_string();
+            m.ack_id = format!("{base}#{}", m.delivery_attempt);
+            queue.push_back(m);
+        }
+        outstanding.values().map(|o| o.deadline).min()
+    }
 }
 
 #[async_trait::async_trait]
 impl DataPlane for FakeDataPlane {
     async fn pull(&self, _: &str, max_messages: i32) -> Result<Vec<ReceivedMessage>, RpcError> {
-        self.record(Call::Pull { max_messages })?;
-        let mut queue = self.to_pull.lock().unwrap();
-        let n = (max_messages as usize).min(queue.len());
-        Ok(queue.drain(..n).collect())
+        self.calls
+            .lock()
+            .unwrap()
+            .push((Instant::now(), Call::Pull { max_messages }));
+        if let Some(code) = *self.pull_failing.lock().unwrap() {
+            return Err(RpcError {
+                rpc: "Pull",
+                code,
+                message: "fake pull failure".into(),
+            });
+        }
+        let give_up = Instant::now() + LONG_POLL;
+        loop {
+            let notified = self.arrived.notified();
+            tokio::pin!(notified);
+            // Registered before looking, so a push in between is not missed.
+            notified.as_mut().enable();
+            let next_expiry = self.redeliver_expired();
+            let taken: Vec<ReceivedMessage> = {
+                let mut queue = self.queue.lock().unwrap();
+                let n = (max_messages.max(0) as usize).min(queue.len());
+                queue.drain(..n).collect()
+            };
+            if !taken.is_empty() {
+                let mut outstanding = self.outstanding.lock().unwrap();
+                for m in &taken {
+                    let deadline = Instant::now() + ACK_DEADLINE;
+                    outstanding.insert(
+                        m.ack_id.clone(),
+                        Outstanding {
+                            message: m.clone(),
+                            deadline,
+                        },
+                    );
+                }
+                return Ok(taken);
+            }
+            let wake = next_expiry.map_or(give_up, |e| e.min(give_up));
+            if Instant::now() >= give_up {
+                return Ok(Vec::new());
+            }
+            tokio::select! {
+                () = notified => {}
+                () = tokio::time::sleep_until(wake) => {}
+            }
+        }
     }
 
     async fn acknowledge(&self, _: &str, ids: Vec<String>) -> Result<(), RpcError> {
-        self.record(Call::Ack { ids })
+        self.record(Call::Ack { ids: ids.clone() })?;
+        let mut outstanding = self.outstanding.lock().unwrap();
+        for id in ids {
+            outstanding.remove(&id);
+        }
+        Ok(())
     }
 
     async fn modify_ack_deadline(
@@ -65,6 +198,62 @@ impl DataPlane for FakeDataPlane {
         ids: Vec<String>,
         seconds: i32,
     ) -> Result<(), RpcError> {
-        self.record(Call::Modify { ids, seconds })
+        self.record(Call::Modify {
+            ids: ids.clone(),
+            seconds,
+        })?;
+        let deadline = Instant::now() + Duration::from_secs(seconds.max(0) as u64);
+        let mut outstanding = self.outstanding.lock().unwrap();
+        for id in ids {
+            if let Some(o) = outstanding.get_mut(&id) {
+                o.deadline = deadline;
+            }
+        }
+        drop(outstanding);
+        // A release (0 s) makes the message pullable now.
+        self.arrived.notify_waiters();
+        Ok(())
+    }
+}
+
+/// A publisher that records what it publishes, and can be told to fail.
+#[derive(Debug, Default)]
+pub struct FakePublisher {
+    published: Mutex<Vec<(String, Outgoing)>>,
+    failing: Mutex<bool>,
+}
+
+impl FakePublisher {
+    /// Everything published so far, as (topic, message).
+    pub fn published(&self) -> Vec<(String, Outgoing)> {
+        self.published.lock().unwrap().clone()
+    }
+
+    /// What was published to `topic`.
+    pub fn on(&self, topic: &str) -> Vec<Outgoing> {
+        self.published()
+            .into_iter()
+            .filter(|(t, _)| t == topic)
+            .map(|(_, m)| m)
+            .collect()
+    }
+
+    pub fn set_failing(&self, failing: bool) {
+        *self.failing.lock().unwrap() = failing;
+    }
+}
+
+#[async_trait::async_trait]
+impl Publisher for FakePublisher {
+    async fn publish(&self, topic: &str, message: Outgoing) -> Result<String, PublishFailed> {
+        if *self.failing.lock().unwrap() {
+            return Err(PublishFailed {
+                topic: topic.to_string(),
+                reason: "fake publish failure".into(),
+            });
+        }
+        let mut published = self.published.lock().unwrap();
+        published.push((topic.to_string(), message));
+        Ok(format!("published-{}", published.len()))
     }
 }

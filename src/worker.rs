@@ -1,4 +1,4 @@
-//! The worker: executors, their pullers and lease loops, and the shutdown
+//! The worker: executors, their pull loops and lease loops, and the shutdown
 //! sequence, as one function that any future can stop.
 //!
 //! Shutdown, in order:
@@ -7,33 +7,39 @@
 //! 2. running tasks may finish within `shutdown.grace`, their leases still
 //!    extended;
 //! 3. then (and not before our own Pulls ended, so a release is not pulled
-//!    straight back by this pod) the handlers' process groups get SIGTERM, SIGKILL after
-//!    `shutdown.kill_grace`, and their messages are released at once so
-//!    another pod starts them now, not after the ack deadline;
+//!    straight back by this pod) the handlers' process groups get SIGTERM,
+//!    SIGKILL after `shutdown.kill_grace`, and their messages are released
+//!    at once so another pod starts them now, not after the ack deadline;
 //! 4. the lease loops flush pending acks and releases, and the worker returns.
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, Environment};
-use crate::dispatch::{DeadLetters, Dispatcher};
-use crate::executor::ExecutorError;
+use crate::config::{Config, ConfigError, Environment};
+use crate::dead_letter::DeadLetters;
+use crate::dispatch::{Dispatcher, DispatcherParts};
+use crate::executor::{Executor, ExecutorError};
 use crate::handler::HandlerRegistry;
-use crate::http::Health;
+use crate::health::Health;
 use crate::lease::{LeaseLoop, LeaseLoopOptions};
 use crate::metrics::Metrics;
-use crate::pubsub::{Connection, ConnectionError, DataPlane};
-use crate::puller::{Activity, MAX_PULL, Puller, pull_loops};
+use crate::pubsub::{Connection, ConnectionError, DataPlane, GooglePublisher, Publisher};
+use crate::puller::{MAX_PULL, Puller, pull_loops};
 use crate::results::Results;
 
 /// How long one Pull long-polls; shutdown waits at most this for it.
 const PULL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The deadline assumed for a freshly pulled message: Pub/Sub's minimum
+/// ack deadline, whatever `pubsub.ack_deadline` says, so a subscription made
+/// by other tooling with a shorter deadline still never lets a running
+/// task's message lapse.
+const FIRST_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Options of one run that are not configuration.
 #[derive(Debug, Clone, Default)]
@@ -44,12 +50,25 @@ pub struct RunOptions {
     pub metrics: Option<Metrics>,
 }
 
+/// The worker's outbound edges: every call it makes to Pub/Sub goes through
+/// these two traits, so a whole message life runs on fakes in unit tests.
+#[derive(Clone)]
+pub struct Clients {
+    /// Pull, Acknowledge, ModifyAckDeadline.
+    pub data_plane: Arc<dyn DataPlane>,
+    /// Dead letters and result events.
+    pub publisher: Arc<dyn Publisher>,
+}
+
 /// Why the worker could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
     /// Pub/Sub clients could not be built.
     #[error(transparent)]
     Connection(#[from] ConnectionError),
+    /// A handler or executor configuration that cannot run.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     /// An executor could not be built (e.g. no GPU found).
     #[error(transparent)]
     Executor(#[from] ExecutorError),
@@ -63,8 +82,8 @@ pub enum WorkerError {
     },
 }
 
-/// Runs the worker until `shutdown` completes (or Job mode finds it idle),
-/// then performs the shutdown sequence. Returns once everything is flushed.
+/// Runs the worker against Pub/Sub until `shutdown` completes (or Job mode
+/// finds it idle), then performs the shutdown sequence.
 pub async fn run(
     config: Config,
     env: Environment,
@@ -72,38 +91,33 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), WorkerError> {
     let conn = Connection::new(&config.pubsub, &env)?;
-    let data_plane: Arc<dyn DataPlane> =
-        Arc::new(conn.data_plane().with_pull_timeout(PULL_TIMEOUT));
-    run_with(config, env, options, conn, data_plane, shutdown).await
+    let publisher = GooglePublisher::new(conn.clone());
+    // Built now, so a bad endpoint is a start-up error, not a lost dead letter.
+    publisher.prepare(&config.pubsub.dead_letter_topic).await?;
+    if !config.pubsub.results_topic.is_empty() {
+        publisher.prepare(&config.pubsub.results_topic).await?;
+    }
+    let clients = Clients {
+        data_plane: Arc::new(conn.data_plane().with_pull_timeout(PULL_TIMEOUT)),
+        publisher: Arc::new(publisher),
+    };
+    run_with(config, env, options, clients, shutdown).await
 }
 
-/// [`run`] over a given data plane.
+/// [`run`] over given clients (fakes in unit tests, a recording data plane
+/// in the benchmark). Returns once everything is flushed.
 pub async fn run_with(
     config: Config,
     env: Environment,
     options: RunOptions,
-    conn: Connection,
-    data_plane: Arc<dyn DataPlane>,
+    clients: Clients,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), WorkerError> {
     let metrics = options.metrics.clone().unwrap_or_default();
-    let registry = Arc::new(HandlerRegistry::from_config(&config));
-    let dead_letters = DeadLetters {
-        publisher: conn.publisher(&config.pubsub.dead_letter_topic).await?,
-    };
-    let results = Results {
-        publisher: match config.pubsub.results_topic.as_str() {
-            "" => None,
-            topic => Some(conn.publisher(topic).await?),
-        },
-    };
-    let worker_name = worker_name(&env);
-    let stop_pulling = CancellationToken::new();
-    let stop_handlers = CancellationToken::new();
-    let tracker = TaskTracker::new();
+    let registry = Arc::new(HandlerRegistry::from_config(&config)?);
     let mut executors = Vec::new();
-    for class in config.enabled_classes() {
-        executors.push(crate::executor::build(class, &config, &env)?);
+    for (name, executor) in config.enabled_executors() {
+        executors.push(Arc::new(Executor::build(name, executor, &env)?));
     }
     let health = Arc::new(Health::default());
     let stop_http = CancellationToken::new();
@@ -120,67 +134,75 @@ pub async fn run_with(
     })?;
     tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
 
+    let stop_pulling = CancellationToken::new();
+    let stop_handlers = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let results = Results::new(
+        clients.publisher.clone(),
+        &config.pubsub.results_topic,
+        worker_name(&env),
+        tracker.clone(),
+    );
     let mut pullers = JoinSet::new();
     let mut lease_loops = JoinSet::new();
     for executor in executors {
-        let class = executor.class();
-        let subscription_path = conn.subscription_path(executor.subscription());
+        let subscription = executor.subscription().to_string();
+        let subscription_path = format!(
+            "projects/{}/subscriptions/{subscription}",
+            config.pubsub.project
+        );
         metrics
             .executor_slots
-            .with_label_values(&[class.as_str()])
+            .with_label_values(&[executor.name()])
             .set(executor.slots() as i64);
         metrics
             .tasks_in_progress
-            .with_label_values(&[class.as_str()])
+            .with_label_values(&[executor.name()])
             .set(0);
         let (lease, lease_task) = LeaseLoop::spawn(
-            data_plane.clone(),
+            clients.data_plane.clone(),
             LeaseLoopOptions {
                 subscription: subscription_path.clone(),
-                label: executor.subscription().to_string(),
-                first_deadline: config.pubsub.ack_deadline.min(Duration::from_secs(10)),
+                label: subscription.clone(),
+                first_deadline: FIRST_DEADLINE,
                 extension: config.lease.extension,
                 max_lease: config.lease.max_lease,
                 ..LeaseLoopOptions::default()
             },
             metrics.clone(),
         );
-        lease_loops.spawn(async move {
-            let _ = lease_task.await;
-        });
-        let loops = pull_loops(executor.slots());
-        let activity = Arc::new(Activity::new());
-        health
-            .activities
-            .lock()
-            .expect("health lock")
-            .push(activity.clone());
-        let puller = Arc::new(Puller {
-            max_per_pull: executor.slots().div_ceil(loops).clamp(1, MAX_PULL),
-            executor: executor.clone(),
-            data_plane: data_plane.clone(),
-            subscription_path,
-            dispatcher: Dispatcher {
-                class,
-                subscription: executor.subscription().to_string(),
+        lease_loops.spawn(lease_task);
+        let dispatcher = Dispatcher::new(
+            executor.clone(),
+            DispatcherParts {
                 registry: registry.clone(),
-                lease,
-                dead_letters: dead_letters.clone(),
+                dead_letters: DeadLetters::new(
+                    clients.publisher.clone(),
+                    &config.pubsub.dead_letter_topic,
+                    &subscription,
+                ),
+                results: results.clone(),
                 retry: config.retry.clone(),
-                metrics: metrics.clone(),
                 stop: stop_handlers.clone(),
                 kill_grace: config.shutdown.kill_grace,
-                results: results.clone(),
-                worker: worker_name.clone(),
-                background: tracker.clone(),
+                metrics: metrics.clone(),
             },
+        );
+        let loops = pull_loops(executor.slots());
+        tracing::info!(executor = %executor.name(), %subscription,
+            slots = executor.slots(), devices = ?executor.devices(), "executor started");
+        let puller = Arc::new(Puller {
+            max_per_pull: executor.slots().div_ceil(loops).clamp(1, MAX_PULL),
+            executor,
+            data_plane: clients.data_plane.clone(),
+            subscription_path,
+            lease,
+            dispatcher,
             tracker: tracker.clone(),
             metrics: metrics.clone(),
             stop: stop_pulling.clone(),
-            activity,
+            activity: health.watch(),
         });
-        tracing::info!(executor = %class, subscription = %executor.subscription(),
-            slots = executor.slots(), devices = ?executor.devices(), "executor started");
         for _ in 0..loops {
             pullers.spawn(puller.clone().run());
         }
@@ -190,11 +212,11 @@ pub async fn run_with(
     tokio::pin!(idle, shutdown);
     loop {
         tokio::select! {
-            _ = &mut shutdown => {
+            () = &mut shutdown => {
                 tracing::info!("shutdown requested; no new tasks will be pulled");
                 break;
             }
-            _ = &mut idle => {
+            () = &mut idle => {
                 tracing::info!("idle for the --exit-when-idle period; stopping");
                 break;
             }
@@ -202,15 +224,15 @@ pub async fn run_with(
             // now is a bug: say so, and fail liveness so the pod restarts.
             Some(_) = pullers.join_next() => {
                 tracing::error!("a pull loop ended unexpectedly");
-                health.broken.store(true, Ordering::Relaxed);
+                health.set_broken();
             }
             Some(_) = lease_loops.join_next() => {
                 tracing::error!("a lease loop ended unexpectedly");
-                health.broken.store(true, Ordering::Relaxed);
+                health.set_broken();
             }
         }
     }
-    health.stopping.store(true, Ordering::Relaxed);
+    health.set_stopping();
 
     // 1. Stop pulling; 2. let tasks finish within the grace period.
     let grace_ends = tokio::time::Instant::now() + config.shutdown.grace;
@@ -230,8 +252,8 @@ pub async fn run_with(
         stop_handlers.cancel();
         tracker.wait().await;
     }
-    // 4. The pullers and tasks held the last lease handles: the loops now
-    // flush and end.
+    // 4. The last lease handles are gone with the pullers and tasks: the
+    // loops now flush and end.
     while lease_loops.join_next().await.is_some() {}
     stop_http.cancel();
     tracing::info!("worker stopped");
@@ -264,14 +286,11 @@ async fn wait_idle(idle: Option<Duration>, tracker: &TaskTracker, health: &Healt
             last_busy = tokio::time::Instant::now();
             continue;
         }
-        let quiet = health
-            .activities
-            .lock()
-            .expect("health lock")
-            .iter()
-            .all(|a| a.idle_for() >= idle);
-        if quiet && last_busy.elapsed() >= idle {
+        if health.idle_for() >= idle && last_busy.elapsed() >= idle {
             return;
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

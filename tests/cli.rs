@@ -201,7 +201,7 @@ async fn publish_sends_kind_task_id_attributes_and_data_to_the_kinds_topic() {
     );
     let message_id = String::from_utf8_lossy(&out.stdout).trim().to_string();
     assert!(!message_id.is_empty());
-    let gpu = world.subscription(&world.config.executors.gpu.subscription);
+    let gpu = world.subscription(&world.config.executors["gpu"].subscription);
     let got = world
         .pull_for(&gpu, std::time::Duration::from_secs(3))
         .await;

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use leasehold::pubsub::DataPlane;
-use leasehold::pubsub::publisher::NewTask;
+use leasehold::pubsub::producer::NewTask;
 use support::*;
 
 /// Publishes a raw message (any attributes) straight to a topic.
@@ -37,7 +37,7 @@ async fn unroutable_messages_are_dead_lettered_with_the_reason() {
     );
     let world = World::new("route", &extra).await;
     let mut worker = world.spawn_worker("w1", &[]);
-    let cpu_topic = world.config.executors.cpu.topic.clone();
+    let cpu_topic = world.config.executors["cpu"].topic.clone();
     // No kind; an unknown kind; a GPU kind published to the CPU topic.
     publish_raw(&world, &cpu_topic, &[("task_id", "no-kind")], "a").await;
     publish_raw(
@@ -99,7 +99,7 @@ async fn unroutable_messages_are_dead_lettered_with_the_reason() {
         assert_eq!(a["leasehold_attempts"], "1");
         assert_eq!(
             a["leasehold_source_subscription"],
-            world.config.executors.cpu.subscription
+            world.config.executors["cpu"].subscription
         );
     }
     world

@@ -145,7 +145,8 @@ fn check_config(
 }
 
 /// `devices = "auto"`: a fake nvidia-smi on PATH listing three GPUs gives
-/// three slots; NVIDIA_VISIBLE_DEVICES wins over it; neither is a clear error.
+/// three slots pinned by UUID; NVIDIA_VISIBLE_DEVICES narrows them (indices
+/// mapped to UUIDs, UUIDs as given, `none` = no GPU); neither is a clear error.
 #[test]
 fn auto_discovery_uses_visible_devices_then_nvidia_smi() {
     let dir = tempfile::tempdir().unwrap();
@@ -180,7 +181,9 @@ fn auto_discovery_uses_visible_devices_then_nvidia_smi() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        text.contains("# gpu: subscription leasehold-tasks-gpu, slots 3, devices [0, 1, 2]"),
+        text.contains(
+            "# gpu: subscription leasehold-tasks-gpu, slots 3, devices [GPU-0000, GPU-1111, GPU-2222]"
+        ),
         "{text}"
     );
 
@@ -188,12 +191,19 @@ fn auto_discovery_uses_visible_devices_then_nvidia_smi() {
     let out = check_config(&args, &with_fake, Some(""));
     assert!(String::from_utf8_lossy(&out.stdout).contains("slots 3"));
 
-    let out = check_config(&args, &with_fake, Some("3,5"));
+    // Indices are pinned by the UUIDs the driver gives them, never copied.
+    let out = check_config(&args, &with_fake, Some("0,2"));
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("slots 2, devices [3, 5]"),
+        String::from_utf8_lossy(&out.stdout).contains("slots 2, devices [GPU-0000, GPU-2222]"),
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+    // UUIDs from the device plugin are used as they are; "none" is no GPU.
+    let out = check_config(&args, &with_fake, Some("GPU-1111"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("slots 1, devices [GPU-1111]"));
+    let out = check_config(&args, &with_fake, Some("none"));
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no GPU"));
 
     // No NVIDIA_VISIBLE_DEVICES and no nvidia-smi: a clear error, for
     // check-config and for run alike.

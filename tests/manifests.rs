@@ -244,24 +244,20 @@ fn overlays_agree_with_their_config() {
         );
 
         // The autoscaler watches this pool's subscription, and one pod's worth is its slots.
-        let enabled: Vec<_> = config.enabled_classes().collect();
+        let enabled: Vec<_> = config.enabled_executors().collect();
         assert_eq!(enabled.len(), 1, "{overlay}: one executor class per pool");
-        let class = enabled[0];
-        let subscription = config.topic_and_subscription(class).1;
-        let per_pod = match class {
-            leasehold::config::ExecutorClass::Cpu => config.executors.cpu.slots as u64,
-            leasehold::config::ExecutorClass::Gpu => {
+        let (_, executor) = enabled[0];
+        let subscription = executor.subscription.as_str();
+        let per_pod = match &executor.devices {
+            None => executor.slots as u64,
+            Some(devices) => {
                 let gpus = container["resources"]["limits"]["nvidia.com/gpu"]
                     .as_u64()
                     .unwrap();
-                if let Devices::List(list) = &config.executors.gpu.devices {
+                if let Devices::List(list) = devices {
                     assert_eq!(list.len() as u64, gpus, "{overlay}: devices vs GPU limit");
                 }
-                assert_eq!(
-                    config.executors.gpu.devices,
-                    Devices::Auto,
-                    "{overlay}: GKE uses auto"
-                );
+                assert_eq!(devices, &Devices::Auto, "{overlay}: GKE uses auto");
                 let tol = pod["tolerations"].as_array().unwrap();
                 assert!(
                     tol.iter()
@@ -434,8 +430,8 @@ fn config_connector_resources_match_setup() {
                 "publisher on {t}"
             );
         }
-        for class in config.enabled_classes() {
-            let (topic, sub) = config.topic_and_subscription(class);
+        for (_, executor) in config.enabled_executors() {
+            let (topic, sub) = (executor.topic.as_str(), executor.subscription.as_str());
             assert!(topics.contains(&topic), "topic {topic}");
             let s = subs[sub];
             assert_eq!(s["spec"]["topicRef"]["name"], topic);

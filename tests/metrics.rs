@@ -43,7 +43,7 @@ async fn counters_move_as_tasks_run_and_leases_return_to_zero() {
             == 2
     })
     .await;
-    let sub = &world.config.executors.cpu.subscription;
+    let sub = &world.config.executors["cpu"].subscription;
     let mut body = String::new();
     eventually(Duration::from_secs(10), "the counters", || {
         body = http_get(&http, "/metrics").unwrap().1;

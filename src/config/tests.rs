@@ -28,9 +28,9 @@ fn defaults_are_design_md_values() {
     assert_eq!(c.retry.max_attempts, 6);
     assert_eq!(c.retry.min_backoff, Duration::from_secs(10));
     assert_eq!(c.retry.max_backoff, Duration::from_secs(360));
-    assert!(c.executors.cpu.enabled);
-    assert!(!c.executors.gpu.enabled);
-    assert_eq!(c.executors.gpu.devices, Devices::Auto);
+    assert!(c.executors["cpu"].enabled);
+    assert!(!c.executors["gpu"].enabled);
+    assert_eq!(c.executors["gpu"].devices, Some(Devices::Auto));
     assert_eq!(c.shutdown.grace, Duration::from_secs(25));
     assert_eq!(c.shutdown.kill_grace, Duration::from_secs(5));
     assert_eq!(c.max_delivery_attempts(), 8);
@@ -80,17 +80,17 @@ kill_grace = "10s"
 "#,
     )
     .unwrap();
-    assert_eq!(c.executors.cpu.slots, 3);
+    assert_eq!(c.executors["cpu"].slots, 3);
     assert_eq!(
-        c.executors.gpu.devices,
-        Devices::List(vec!["0".into(), "1".into()])
+        c.executors["gpu"].devices,
+        Some(Devices::List(vec!["0".into(), "1".into()]))
     );
     let reduce = &c.handlers["reduce"];
-    assert_eq!(reduce.executor, ExecutorClass::Cpu);
+    assert_eq!(reduce.executor, "cpu");
     assert_eq!(reduce.timeout, Some(Duration::from_secs(7200)));
     assert_eq!(reduce.permanent_exit_codes, vec![65, 66]);
     assert_eq!(c.handlers["render"].env["QUALITY"], "high");
-    assert_eq!(c.enabled_classes().count(), 2);
+    assert_eq!(c.enabled_executors().count(), 2);
 }
 
 #[test]
@@ -178,11 +178,11 @@ fn environment_overrides_files_and_names_bad_keys() {
         ],
     )
     .unwrap();
-    assert_eq!(c.executors.cpu.slots, 7);
+    assert_eq!(c.executors["cpu"].slots, 7);
     assert_eq!(c.lease.extension, Duration::from_secs(120));
     assert_eq!(
-        c.executors.gpu.devices,
-        Devices::List(vec!["0".into(), "1".into()])
+        c.executors["gpu"].devices,
+        Some(Devices::List(vec!["0".into(), "1".into()]))
     );
     let err = load_with("", &[("LEASEHOLD__EXECUTORS__CPU__SLOTS", "abc")]).unwrap_err();
     assert_eq!(key_of(err), "executors.cpu.slots");
@@ -210,7 +210,7 @@ fn later_files_win_and_missing_files_are_refused() {
     std::fs::write(&a, "[executors.cpu]\nslots = 2").unwrap();
     std::fs::write(&b, "[executors.cpu]\nslots = 5").unwrap();
     let c = Config::load(&[a.clone(), b], &Environment::default()).unwrap();
-    assert_eq!(c.executors.cpu.slots, 5);
+    assert_eq!(c.executors["cpu"].slots, 5);
     let err = Config::load(&[dir.path().join("none.toml")], &Environment::default()).unwrap_err();
     assert!(err.to_string().contains("does not exist"), "{err}");
 }

@@ -1,18 +1,26 @@
-//! Builtin handlers: `noop` succeeds at once; `sleep` sleeps
-//! `{"seconds": N}` (for demos, tests and benchmarks).
+//! Builtin handlers, for demos, tests, benchmarks and for checking a
+//! deployment end to end: `noop` succeeds at once; `sleep` sleeps
+//! `{"seconds": N}`; `fail` always fails (retryably, or for good with
+//! `{"permanent": true}`), to exercise retries, dead letters and alerts.
+//!
+//! A new builtin is one variant here and its arm in [`Builtin::run`]: the
+//! configuration names it (`builtin = "NAME"`) through serde.
 
 use std::time::Duration;
 
 use crate::handler::{Failure, Outcome, RunContext};
 use crate::task::Task;
 
-/// The builtins.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The builtins, as `handlers.KIND.builtin` names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Builtin {
     /// Succeeds at once.
     Noop,
     /// Sleeps `{"seconds": N}`; stops early (interrupted) at shutdown.
     Sleep,
+    /// Fails: retryably, or for good when the data is `{"permanent": true}`.
+    Fail,
 }
 
 #[derive(serde::Deserialize)]
@@ -20,16 +28,13 @@ struct SleepInput {
     seconds: f64,
 }
 
-impl Builtin {
-    /// The builtin called `name`.
-    pub fn from_name(name: &str) -> Option<Builtin> {
-        match name {
-            "noop" => Some(Builtin::Noop),
-            "sleep" => Some(Builtin::Sleep),
-            _ => None,
-        }
-    }
+#[derive(serde::Deserialize, Default)]
+struct FailInput {
+    #[serde(default)]
+    permanent: bool,
+}
 
+impl Builtin {
     /// Runs the task.
     pub async fn run(&self, task: &Task, ctx: &RunContext) -> Outcome {
         match self {
@@ -50,6 +55,21 @@ impl Builtin {
                         failure: Failure::Interrupted,
                         stderr_tail: String::new(),
                     },
+                }
+            }
+            Builtin::Fail => {
+                let input: FailInput = serde_json::from_slice(&task.data).unwrap_or_default();
+                let failure = if input.permanent {
+                    Failure::BadInput("the fail builtin was asked to fail for good".into())
+                } else {
+                    Failure::Exit {
+                        code: 1,
+                        permanent: false,
+                    }
+                };
+                Outcome::Failed {
+                    failure,
+                    stderr_tail: "the fail builtin always fails".into(),
                 }
             }
         }
@@ -101,6 +121,30 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[tokio::test]
+    async fn fail_fails_retryably_unless_asked_to_fail_for_good() {
+        for (data, permanent) in [("", false), ("{}", false), (r#"{"permanent": true}"#, true)] {
+            match Builtin::Fail.run(&task(data), &RunContext::default()).await {
+                Outcome::Failed { failure, .. } => {
+                    assert_eq!(failure.is_permanent(), permanent, "{data}");
+                }
+                other => panic!("{data}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn builtins_are_named_in_lowercase_by_the_configuration() {
+        #[derive(serde::Deserialize)]
+        struct T {
+            builtin: Builtin,
+        }
+        let t: T = toml::from_str("builtin = \"sleep\"").unwrap();
+        assert_eq!(t.builtin, Builtin::Sleep);
+        let err = toml::from_str::<T>("builtin = \"dance\"").err().unwrap();
+        assert!(err.to_string().contains("noop"), "{err}");
     }
 
     #[tokio::test]

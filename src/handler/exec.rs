@@ -28,8 +28,10 @@ pub const MAX_RESULT_BYTES: u64 = 1024 * 1024;
 /// `[handlers.KIND]` with a `command`.
 #[derive(Debug, Clone)]
 pub struct ExecHandler {
-    /// argv; the payload is never interpolated into it.
-    pub argv: Vec<String>,
+    /// The program (argv\[0\]); the payload is never interpolated into argv.
+    pub program: String,
+    /// Its arguments.
+    pub args: Vec<String>,
     /// Kill and retry after this long.
     pub timeout: Option<Duration>,
     /// Exit codes that are permanent failures.
@@ -92,9 +94,9 @@ impl ExecHandler {
     }
 
     async fn run_with(&self, task: &Task, ctx: &RunContext, result_file: &PathBuf) -> Outcome {
-        let mut command = Command::new(&self.argv[0]);
+        let mut command = Command::new(&self.program);
         command
-            .args(&self.argv[1..])
+            .args(&self.args)
             .process_group(0)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -107,7 +109,7 @@ impl ExecHandler {
             Ok(child) => child,
             Err(e) => {
                 return Outcome::Failed {
-                    failure: Failure::Spawn(format!("{}: {e}", self.argv[0])),
+                    failure: Failure::Spawn(format!("{}: {e}", self.program)),
                     stderr_tail: String::new(),
                 };
             }

@@ -5,8 +5,6 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::pubsub::subscriber_stub::MAX_ACK_IDS_PER_RPC;
-
 /// One held message.
 #[derive(Debug, Clone)]
 struct Lease {
@@ -23,8 +21,8 @@ struct Lease {
 /// What one extension round must do.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Round {
-    /// Ack ids to extend by `extension`, at most [`MAX_ACK_IDS_PER_RPC`] per batch.
-    pub batches: Vec<Vec<String>>,
+    /// Ack ids to extend by `extension`, sorted (the loop cuts them into RPCs).
+    pub due: Vec<String>,
     /// Ack ids dropped from the book because they reached `max_lease`; their
     /// messages will be redelivered.
     pub expired: Vec<String>,
@@ -32,8 +30,8 @@ pub struct Round {
 
 /// Every message a subscription's puller holds, and when each must be extended.
 ///
-/// Rounds extend *all* held leases at once, so an extension costs
-/// `ceil(held / 2500)` RPCs however the leases arrived.
+/// Rounds extend *all* held leases at once, so an extension costs as few
+/// RPCs as the held ids fit in, however the leases arrived.
 #[derive(Debug)]
 pub struct LeaseBook {
     extension: Duration,
@@ -107,8 +105,8 @@ impl LeaseBook {
             .min()
     }
 
-    /// Starts a round at `now`: drops leases past `max_lease` and batches the
-    /// rest. Each batched lease is marked as in flight until
+    /// Starts a round at `now`: drops leases past `max_lease` and returns the
+    /// rest. Each returned lease is marked as in flight until
     /// [`extended`](Self::extended) or [`failed`](Self::failed) is called.
     pub fn round(&mut self, now: Instant) -> Round {
         let max_lease = self.max_lease;
@@ -128,13 +126,7 @@ impl LeaseBook {
             l.extend_at = in_flight;
         }
         expired.sort_unstable();
-        Round {
-            batches: ids
-                .chunks(MAX_ACK_IDS_PER_RPC)
-                .map(<[String]>::to_vec)
-                .collect(),
-            expired,
-        }
+        Round { due: ids, expired }
     }
 
     /// The batch sent at `sent_at` succeeded: its leases now run `extension`
@@ -211,15 +203,15 @@ mod tests {
     }
 
     #[test]
-    fn a_round_extends_every_lease_in_batches_of_2500() {
+    fn a_round_extends_every_lease() {
         let t0 = Instant::now();
         let mut b = book();
         for i in 0..6_000 {
             b.add(format!("id-{i:05}"), t0, 10 * SEC);
         }
+        b.add("late".into(), t0 + 5 * SEC, 10 * SEC);
         let round = b.round(t0 + 7 * SEC);
-        let sizes: Vec<usize> = round.batches.iter().map(Vec::len).collect();
-        assert_eq!(sizes, vec![2500, 2500, 1000]);
+        assert_eq!(round.due.len(), 6_001, "the later lease rides along");
         assert!(round.expired.is_empty());
         // While the batch is in flight no new round is due.
         assert_eq!(b.next_round(), Some(t0 + 7 * SEC + 60 * SEC));
@@ -232,7 +224,7 @@ mod tests {
         b.add("a".into(), t0, 10 * SEC);
         let sent = t0 + 7 * SEC;
         let round = b.round(sent);
-        b.extended(&round.batches[0], sent);
+        b.extended(&round.due, sent);
         assert_eq!(b.next_expiry(), Some(sent + 60 * SEC));
         assert_eq!(b.next_round(), Some(sent + 40 * SEC));
     }
@@ -243,7 +235,7 @@ mod tests {
         let mut b = book();
         b.add("a".into(), t0, 10 * SEC);
         let round = b.round(t0 + 7 * SEC);
-        b.failed(&round.batches[0], t0 + 8 * SEC);
+        b.failed(&round.due, t0 + 8 * SEC);
         assert_eq!(b.next_round(), Some(t0 + 9 * SEC));
         assert!(b.take_lost(t0 + 9 * SEC).is_empty());
         assert_eq!(b.take_lost(t0 + 10 * SEC), vec!["a".to_string()]);
@@ -296,7 +288,7 @@ mod tests {
         b.add("new".into(), t0 + 100 * SEC, 10 * SEC);
         let round = b.round(t0 + 121 * SEC);
         assert_eq!(round.expired, vec!["old".to_string()]);
-        assert_eq!(round.batches, vec![vec!["new".to_string()]]);
+        assert_eq!(round.due, vec!["new".to_string()]);
         assert!(!b.contains("old"));
     }
 
@@ -309,7 +301,7 @@ mod tests {
         assert!(b.remove("a"));
         assert!(!b.remove("a"));
         let round = b.round(t0 + 7 * SEC);
-        assert_eq!(round.batches, vec![vec!["b".to_string()]]);
+        assert_eq!(round.due, vec!["b".to_string()]);
         assert_eq!(b.len(), 1);
     }
 }

@@ -88,12 +88,11 @@ pub async fn setup(conn: &Connection, config: &Config) -> Result<Vec<Change>, Se
     }
     let mut topic_ids = kept.clone();
     let mut wanted = Vec::new();
-    for class in config.enabled_classes() {
-        let (topic, sub) = config.topic_and_subscription(class);
-        topic_ids.push(topic);
+    for (_, executor) in config.enabled_executors() {
+        topic_ids.push(&executor.topic);
         wanted.push(Wanted {
-            name: conn.subscription_path(sub),
-            topic: conn.topic_path(topic),
+            name: conn.subscription_path(&executor.subscription),
+            topic: conn.topic_path(&executor.topic),
             ack_deadline_seconds,
             // The safety net for messages that crash or hang every worker:
             // Pub/Sub itself moves them to the dead-letter topic.

@@ -1,102 +1,94 @@
-//! Publishing tasks: what `leasehold publish` and `leasehold dev` do, and
-//! what a producer does in its own language.
+//! What the worker publishes (dead letters, result events, hand-back
+//! copies), behind one narrow trait so the dispatcher and the whole worker
+//! run on a fake in unit tests. [`GooglePublisher`] is the real one: the
+//! official batching publisher, one per topic, made on first use.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use google_cloud_pubsub::model::Message;
+use tokio::sync::Mutex;
 
-use crate::config::Config;
 use crate::pubsub::{Connection, ConnectionError};
-use crate::task::{KIND_ATTRIBUTE, TASK_ID_ATTRIBUTE};
 
-/// A task to publish.
-#[derive(Debug, Clone, Default)]
-pub struct NewTask {
-    /// The handler name; decides the topic.
-    pub kind: String,
-    /// Optional producer id (becomes the `task_id` attribute).
-    pub task_id: Option<String>,
-    /// Extra attributes for the handler.
-    pub attributes: BTreeMap<String, String>,
+/// A message to publish.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Outgoing {
     /// The payload.
     pub data: Vec<u8>,
+    /// Its attributes.
+    pub attributes: BTreeMap<String, String>,
 }
 
-/// Publishing failed before or at Pub/Sub.
-#[derive(Debug, thiserror::Error)]
-pub enum PublishError {
-    /// The configuration has no handler for the kind, so no topic is known.
-    #[error(
-        "no handler for kind {0:?} in the configuration, so its topic is unknown; add [handlers.{0}]"
-    )]
-    UnknownKind(String),
-    /// `kind` and `task_id` are set through their own options.
-    #[error("attribute {0:?} is reserved; use --kind / --task-id")]
-    ReservedAttribute(String),
-    /// The publisher could not be built.
-    #[error(transparent)]
-    Connection(#[from] ConnectionError),
-    /// Pub/Sub refused or could not be reached.
-    #[error("publishing to {topic} failed: {reason}")]
-    Publish {
-        /// The topic id.
-        topic: String,
-        /// The client's error.
-        reason: String,
-    },
+/// A publish that did not happen; the caller decides what that means for
+/// its message (a dead letter is then not acked, a result event is only logged).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("publishing to topic {topic} failed: {reason}")]
+pub struct PublishFailed {
+    /// The topic id.
+    pub topic: String,
+    /// What the client said.
+    pub reason: String,
 }
 
-/// The topic id that tasks of `kind` go to under `config`.
-pub fn topic_for_kind<'c>(config: &'c Config, kind: &str) -> Result<&'c str, PublishError> {
-    let handler = config
-        .handlers
-        .get(kind)
-        .ok_or_else(|| PublishError::UnknownKind(kind.to_string()))?;
-    Ok(config.topic_and_subscription(handler.executor).0)
+/// Publishes to topics by id.
+#[async_trait::async_trait]
+pub trait Publisher: Send + Sync + 'static {
+    /// Publishes `message` to topic `topic` (an id, not a path); returns the
+    /// message id once Pub/Sub has it.
+    async fn publish(&self, topic: &str, message: Outgoing) -> Result<String, PublishFailed>;
 }
 
-/// Builds the Pub/Sub message of a task.
-pub fn task_message(task: &NewTask) -> Result<Message, PublishError> {
-    if let Some(reserved) = task
-        .attributes
-        .keys()
-        .find(|k| *k == KIND_ATTRIBUTE || *k == TASK_ID_ATTRIBUTE)
-    {
-        return Err(PublishError::ReservedAttribute(reserved.clone()));
-    }
-    let mut attributes = task.attributes.clone();
-    attributes.insert(KIND_ATTRIBUTE.to_string(), task.kind.clone());
-    if let Some(id) = &task.task_id {
-        attributes.insert(TASK_ID_ATTRIBUTE.to_string(), id.clone());
-    }
-    Ok(Message::new()
-        .set_data(task.data.clone())
-        .set_attributes(attributes))
+/// The official publisher, one per topic.
+#[derive(Debug)]
+pub struct GooglePublisher {
+    connection: Connection,
+    by_topic: Mutex<HashMap<String, google_cloud_pubsub::client::Publisher>>,
 }
 
-/// Publishes tasks (all to their kinds' topics); returns the message ids in order.
-pub async fn publish_tasks(
-    conn: &Connection,
-    config: &Config,
-    tasks: &[NewTask],
-) -> Result<Vec<String>, PublishError> {
-    let mut publishers = BTreeMap::new();
-    let mut pending = Vec::with_capacity(tasks.len());
-    for task in tasks {
-        let topic = topic_for_kind(config, &task.kind)?;
-        if !publishers.contains_key(topic) {
-            publishers.insert(topic.to_string(), conn.publisher(topic).await?);
+impl GooglePublisher {
+    /// Publishers over `connection`, built when a topic is first used.
+    pub fn new(connection: Connection) -> GooglePublisher {
+        GooglePublisher {
+            connection,
+            by_topic: Mutex::new(HashMap::new()),
         }
-        let message = task_message(task)?;
-        pending.push((topic.to_string(), publishers[topic].publish(message)));
     }
-    let mut ids = Vec::with_capacity(pending.len());
-    for (topic, future) in pending {
-        let id = future.await.map_err(|e| PublishError::Publish {
-            topic,
-            reason: e.to_string(),
-        })?;
-        ids.push(id);
+
+    /// Builds the publisher of `topic` now, so a bad endpoint is a start-up
+    /// error rather than a failed dead letter later.
+    pub async fn prepare(&self, topic: &str) -> Result<(), ConnectionError> {
+        self.get(topic).await.map(|_| ())
     }
-    Ok(ids)
+
+    async fn get(
+        &self,
+        topic: &str,
+    ) -> Result<google_cloud_pubsub::client::Publisher, ConnectionError> {
+        let mut by_topic = self.by_topic.lock().await;
+        if let Some(p) = by_topic.get(topic) {
+            return Ok(p.clone());
+        }
+        let p = self.connection.publisher(topic).await?;
+        by_topic.insert(topic.to_string(), p.clone());
+        Ok(p)
+    }
+}
+
+#[async_trait::async_trait]
+impl Publisher for GooglePublisher {
+    async fn publish(&self, topic: &str, message: Outgoing) -> Result<String, PublishFailed> {
+        let failed = |reason: String| PublishFailed {
+            topic: topic.to_string(),
+            reason,
+        };
+        let publisher = self.get(topic).await.map_err(|e| failed(e.to_string()))?;
+        publisher
+            .publish(
+                Message::new()
+                    .set_data(message.data)
+                    .set_attributes(message.attributes),
+            )
+            .await
+            .map_err(|e| failed(e.to_string()))
+    }
 }

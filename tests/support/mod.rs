@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use leasehold::config::{Config, Environment};
-use leasehold::pubsub::publisher::{NewTask, publish_tasks};
+use leasehold::pubsub::producer::{NewTask, publish_tasks};
 use leasehold::pubsub::{Connection, DataPlane, GrpcDataPlane, ReceivedMessage};
 
 /// The emulator's `HOST:PORT`.
@@ -141,7 +141,7 @@ listen = "127.0.0.1:0"
 
     /// The CPU subscription's full path.
     pub fn cpu_subscription(&self) -> String {
-        self.subscription(&self.config.executors.cpu.subscription)
+        self.subscription(&self.config.executors["cpu"].subscription)
     }
 
     /// A data plane of our own, to look into subscriptions as a rival consumer.

@@ -23,7 +23,8 @@ fn task(data: &str, attrs: &[(&str, &str)]) -> Task {
 
 fn sh(script: &str) -> ExecHandler {
     ExecHandler {
-        argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        program: "/bin/sh".into(),
+        args: vec!["-c".into(), script.into()],
         timeout: None,
         permanent_exit_codes: vec![65],
         env: vec![],
@@ -130,7 +131,8 @@ async fn stderr_tail_is_at_most_4_kib() {
 #[tokio::test]
 async fn a_missing_program_is_a_spawn_failure() {
     let h = ExecHandler {
-        argv: vec!["/nonexistent/leasehold-handler".into()],
+        program: "/nonexistent/leasehold-handler".into(),
+        args: vec![],
         timeout: None,
         permanent_exit_codes: vec![],
         env: vec![],

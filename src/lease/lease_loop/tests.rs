@@ -4,6 +4,7 @@ use std::time::Duration;
 use tokio::time::{Instant, advance};
 
 use super::*;
+use crate::lease::Lease;
 use crate::testing::{Call, FakeDataPlane};
 
 const SEC: Duration = Duration::from_secs(1);
@@ -50,8 +51,8 @@ async fn settle() {
 async fn hundreds_of_held_messages_are_extended_in_one_rpc_per_2500() {
     let fake = Arc::new(FakeDataPlane::default());
     let (lease, _task, metrics) = start(&fake);
-    lease.hold(ids(700));
-    lease.hold(ids(6000).split_off(700));
+    let _a = lease.hold(ids(700));
+    let _b = lease.hold(ids(6000).split_off(700));
     settle().await;
     assert!(modifies(&fake).is_empty(), "nothing is due at once");
     advance(7 * SEC).await;
@@ -76,14 +77,14 @@ async fn a_task_three_times_the_deadline_is_extended_until_acked_and_never_lost(
     let fake = Arc::new(FakeDataPlane::default());
     let (lease, _task, metrics) = start(&fake);
     let t0 = Instant::now();
-    lease.hold(vec!["a".into()]);
+    let a = lease.hold(vec!["a".into()]);
     settle().await;
     // Run a "task" of 200 s, far past the 10 s first deadline.
     for _ in 0..200 {
         advance(SEC).await;
         settle().await;
     }
-    lease.ack("a".into());
+    a.into_iter().for_each(Lease::ack);
     settle().await;
     advance(SEC).await;
     settle().await;
@@ -115,9 +116,8 @@ async fn a_task_three_times_the_deadline_is_extended_until_acked_and_never_lost(
 async fn acks_are_batched() {
     let fake = Arc::new(FakeDataPlane::default());
     let (lease, _task, _) = start(&fake);
-    lease.hold(ids(300));
-    for id in ids(300) {
-        lease.ack(id);
+    for held in lease.hold(ids(300)) {
+        held.ack();
     }
     settle().await;
     advance(Duration::from_millis(50)).await;
@@ -137,7 +137,7 @@ async fn acks_are_batched() {
 async fn failed_extensions_are_retried_and_counted_as_lost_past_the_deadline() {
     let fake = Arc::new(FakeDataPlane::default());
     let (lease, _task, metrics) = start(&fake);
-    lease.hold(vec!["a".into()]);
+    let _a = lease.hold(vec!["a".into()]);
     fake.set_failing(true);
     for _ in 0..12 {
         advance(SEC).await;
@@ -177,10 +177,13 @@ async fn failed_extensions_are_retried_and_counted_as_lost_past_the_deadline() {
 async fn releases_are_sent_and_the_loop_flushes_when_handles_drop() {
     let fake = Arc::new(FakeDataPlane::default());
     let (lease, task, _) = start(&fake);
-    lease.hold(vec!["a".into(), "b".into(), "c".into()]);
-    lease.release_after("a".into(), Duration::ZERO);
-    lease.release_after("b".into(), 20 * SEC);
-    lease.ack("c".into());
+    let [a, b, c]: [Lease; 3] = lease
+        .hold(vec!["a".into(), "b".into(), "c".into()])
+        .try_into()
+        .unwrap();
+    a.release();
+    b.retry_after(20 * SEC);
+    c.ack();
     drop(lease);
     task.await.unwrap();
     let mut calls: Vec<Call> = fake.calls().into_iter().map(|(_, c)| c).collect();

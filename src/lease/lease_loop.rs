@@ -1,10 +1,12 @@
 //! The lease loop of one subscription: owns the timers around the pure
-//! [`LeaseBook`], batches acks and deadline changes, and sends them through
-//! the [`DataPlane`].
+//! [`LeaseBook`], and sends everything that changes a held message's
+//! deadline through the [`DataPlane`]: extension rounds, acks, retries'
+//! backoffs and releases, batched.
 //!
-//! Tasks talk to it through a cloneable [`LeaseHandle`]. When every handle is
-//! dropped the loop flushes what is pending, waits for its RPCs, and ends:
-//! shutdown by dropping senders, as in mini-redis.
+//! The puller holds a [`LeaseHandle`] and turns each pulled message into a
+//! [`Lease`]; the task ends its lease, which sends the command here. When
+//! every handle and lease is gone the loop flushes what is pending, waits for
+//! its RPCs, and ends: shutdown by dropping senders, as in mini-redis.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -14,10 +16,12 @@ use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::{Instant, sleep, sleep_until};
 
-use crate::lease::LeaseBook;
+use crate::lease::{Lease, LeaseBook};
 use crate::metrics::Metrics;
-use crate::pubsub::subscriber_stub::MAX_ACK_IDS_PER_RPC;
 use crate::pubsub::{DataPlane, RpcError};
+
+/// Most ack ids sent in one Acknowledge or ModifyAckDeadline.
+pub const MAX_ACK_IDS_PER_RPC: usize = 2_500;
 
 /// Settings of one lease loop.
 #[derive(Debug, Clone)]
@@ -55,7 +59,9 @@ impl Default for LeaseLoopOptions {
     }
 }
 
-enum Command {
+/// What leases and the puller tell the loop.
+#[derive(Debug)]
+pub(super) enum Command {
     /// Start leasing these freshly pulled messages.
     Hold(Vec<String>),
     /// The task succeeded (or was dead-lettered): acknowledge.
@@ -64,28 +70,28 @@ enum Command {
     Modify(String, u32),
 }
 
-/// How tasks and pullers talk to the lease loop.
+/// The sender side of one subscription's lease loop: the puller's, to turn
+/// pulled messages into [`Lease`]s.
 #[derive(Clone, Debug)]
 pub struct LeaseHandle {
     tx: mpsc::UnboundedSender<Command>,
 }
 
 impl LeaseHandle {
-    /// Start leasing messages; call as soon as Pull returns them.
-    pub fn hold(&self, ack_ids: Vec<String>) {
+    /// Starts leasing freshly pulled messages, by ack id; call as soon as
+    /// Pull returns them. Each returned lease must be ended by its task.
+    pub fn hold(&self, ack_ids: Vec<String>) -> Vec<Lease> {
+        let leases = ack_ids
+            .iter()
+            .map(|id| Lease::new(id.clone(), self.clone()))
+            .collect();
+        self.send(Command::Hold(ack_ids));
+        leases
+    }
+
+    pub(super) fn send(&self, command: Command) {
         // A closed loop means the worker is gone; nothing can be done then.
-        let _ = self.tx.send(Command::Hold(ack_ids));
-    }
-
-    /// Acknowledge one message.
-    pub fn ack(&self, ack_id: String) {
-        let _ = self.tx.send(Command::Ack(ack_id));
-    }
-
-    /// Hand a message back to Pub/Sub after `delay` (0 = now).
-    pub fn release_after(&self, ack_id: String, delay: Duration) {
-        let secs = delay.as_secs().min(600) as u32;
-        let _ = self.tx.send(Command::Modify(ack_id, secs));
+        let _ = self.tx.send(command);
     }
 }
 
@@ -270,7 +276,11 @@ impl LeaseLoop {
             self.update_held();
         }
         let secs = self.options.extension.as_secs() as i32;
-        for ids in round.batches {
+        for ids in round
+            .due
+            .chunks(MAX_ACK_IDS_PER_RPC)
+            .map(<[String]>::to_vec)
+        {
             let (dp, sub) = (self.data_plane.clone(), self.options.subscription.clone());
             self.rpcs.spawn(async move {
                 let result = dp.modify_ack_deadline(&sub, ids.clone(), secs).await;

@@ -2,9 +2,9 @@
 //! tonic stubs behind one narrow trait.
 //!
 //! The official `Subscriber` hides ack ids and deadlines; leasehold owns its
-//! leases, so it speaks these three RPCs itself. Everything above this trait
-//! (puller, lease loop) is tested against small fakes; this file is tested
-//! against the real emulator.
+//! leases, so it speaks these three RPCs itself. The lease loop and the whole
+//! worker are unit-tested on a fake of [`DataPlane`] (`crate::testing`); this
+//! file is exercised against the real emulator by the black-box tests.
 
 use std::time::Duration;
 
@@ -15,10 +15,6 @@ use googleapis_tonic_google_pubsub_v1::google::pubsub::v1::{
 };
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::transport::Channel;
-
-/// Most ack ids Pub/Sub takes in one Acknowledge or ModifyAckDeadline
-/// (keeps requests under the 512 KiB request cap with real ack ids).
-pub const MAX_ACK_IDS_PER_RPC: usize = 2_500;
 
 /// Pull responses can carry up to 1,000 messages of up to 10 MB each in
 /// principle; tonic's default 4 MiB decode cap would fail big batches.
@@ -77,10 +73,11 @@ pub trait DataPlane: Send + Sync + 'static {
         max_messages: i32,
     ) -> Result<Vec<ReceivedMessage>, RpcError>;
 
-    /// Acknowledge at most [`MAX_ACK_IDS_PER_RPC`] ack ids.
+    /// Acknowledge a batch of ack ids (the caller keeps batches within
+    /// Pub/Sub's request limits).
     async fn acknowledge(&self, subscription: &str, ack_ids: Vec<String>) -> Result<(), RpcError>;
 
-    /// Set the deadline of at most [`MAX_ACK_IDS_PER_RPC`] ack ids; 0 releases them now.
+    /// Set the deadline of a batch of ack ids; 0 releases them now.
     async fn modify_ack_deadline(
         &self,
         subscription: &str,
