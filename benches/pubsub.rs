@@ -9,16 +9,25 @@
 //!    bytes per minute, RPCs and time per round, CPU and resident memory;
 //! 4. idle cost: CPU and memory of an idle worker;
 //! 5. the Python client's streaming pull (default flow control, and
-//!    FlowControl(max_messages=1)), and the emulator's ceiling with batched
+//!    `FlowControl(max_messages=1)`), and the emulator's ceiling with batched
 //!    unary Pull + Acknowledge.
 //!
-//! Environment: BENCH_RUNS (default 3), BENCH_TASKS (10000), BENCH_ONE_SLOT
-//! (300), BENCH_LEASE_WINDOW_S (60), BENCH_IDLE_S (20), BENCH_SKIP_PYTHON=1.
+//! Environment: `BENCH_RUNS` (default 3), `BENCH_TASKS` (10000), `BENCH_ONE_SLOT`
+//! (300), `BENCH_LEASE_WINDOW_S` (60), `BENCH_IDLE_S` (20), `BENCH_SKIP_PYTHON=1`.
 //! The worker runs in this process (the numbers for CPU and memory are for the
 //! whole process, an upper bound for the worker).
 
 // Wall-clock measurement of real processes: std's Instant is right here.
 #![allow(clippy::disallowed_types)]
+// Measurement arithmetic on small counts and on figures compared for
+// exactly zero; the main is one long, ordered script of runs.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::float_cmp,
+    clippy::too_many_lines,
+    clippy::many_single_char_names
+)]
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -52,7 +61,7 @@ struct Rpc {
     messages: usize,
 }
 
-/// A DataPlane that records every call: when, how many ids, request bytes.
+/// A `DataPlane` that records every call: when, how many ids, request bytes.
 struct Recording {
     inner: GrpcDataPlane,
     rpcs: Mutex<Vec<Rpc>>,
@@ -355,16 +364,15 @@ async fn python(host: &str, n: usize, max_messages: usize, skip: bool) -> Option
         .await
         .ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let v: serde_json::Value = match serde_json::from_str(text.trim()) {
-        Ok(v) => v,
-        Err(_) => {
-            eprintln!(
-                "python peer failed: {}{}",
-                text,
-                String::from_utf8_lossy(&out.stderr)
-            );
-            return None;
-        }
+    let v: serde_json::Value = if let Ok(v) = serde_json::from_str(text.trim()) {
+        v
+    } else {
+        eprintln!(
+            "python peer failed: {}{}",
+            text,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return None;
     };
     let got = v["n"].as_u64()? as f64;
     Some(got / v["seconds"].as_f64()?)
@@ -456,7 +464,7 @@ async fn lease_cost(host: &str, k: usize, window: Duration) -> LeaseCost {
     }
 }
 
-/// CPU seconds (user + system; USER_HZ is 100 on Linux) and RSS (MiB) of a process.
+/// CPU seconds (user + system; `USER_HZ` is 100 on Linux) and RSS (MiB) of a process.
 fn proc_usage(pid: u32) -> (f64, f64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     let f: Vec<&str> = stat

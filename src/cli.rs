@@ -3,6 +3,7 @@
 //! unreachable or refusing, 70 an internal error.
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::io::{IsTerminal, Read};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -109,7 +110,7 @@ pub fn main() -> ExitCode {
         Err(e) => {
             let _ = e.print();
             return if e.use_stderr() {
-                ExitCode::from(EXIT_CONFIG as u8)
+                ExitCode::from(EXIT_CONFIG)
             } else {
                 ExitCode::SUCCESS
             };
@@ -131,7 +132,7 @@ pub fn main() -> ExitCode {
 fn load(args: &ConfigArgs, env: &Environment) -> Result<Config, ExitCode> {
     Config::load(&args.files, env).map_err(|e| {
         eprintln!("leasehold: {e}");
-        ExitCode::from(EXIT_CONFIG as u8)
+        ExitCode::from(EXIT_CONFIG)
     })
 }
 
@@ -156,7 +157,7 @@ async fn run_command(command: Command, env: Environment) -> Result<(), ExitCode>
                 "{}",
                 describe(&config, &env).map_err(|e| {
                     eprintln!("leasehold: {e}");
-                    ExitCode::from(EXIT_CONFIG as u8)
+                    ExitCode::from(EXIT_CONFIG)
                 })?
             );
             Ok(())
@@ -179,7 +180,7 @@ async fn run_command(command: Command, env: Environment) -> Result<(), ExitCode>
             let config = load(&args.config, &env)?;
             let data = read_payload(&args).map_err(|e| {
                 eprintln!("leasehold: {e}");
-                ExitCode::from(EXIT_CONFIG as u8)
+                ExitCode::from(EXIT_CONFIG)
             })?;
             let conn = Connection::new(&config.pubsub, &env).map_err(unavailable)?;
             let task = NewTask {
@@ -195,7 +196,7 @@ async fn run_command(command: Command, env: Environment) -> Result<(), ExitCode>
                 }
                 Err(e @ (PublishError::UnknownKind(_) | PublishError::ReservedAttribute(_))) => {
                     eprintln!("leasehold: {e}");
-                    Err(ExitCode::from(EXIT_CONFIG as u8))
+                    Err(ExitCode::from(EXIT_CONFIG))
                 }
                 Err(e) => Err(unavailable(e)),
             }
@@ -216,7 +217,7 @@ async fn run_command(command: Command, env: Environment) -> Result<(), ExitCode>
                     | WorkerError::Listen { .. }
                     | WorkerError::Config(_)) => {
                         eprintln!("leasehold: {e}");
-                        ExitCode::from(EXIT_CONFIG as u8)
+                        ExitCode::from(EXIT_CONFIG)
                     }
                     WorkerError::Connection(e) => unavailable(e),
                 })
@@ -257,28 +258,30 @@ pub fn describe(config: &Config, env: &Environment) -> Result<String, String> {
         crate::handler::HandlerRegistry::from_config(config).map_err(|e| e.to_string())?;
     for (name, executor) in &config.executors {
         if !executor.enabled {
-            out.push_str(&format!("# {name}: disabled\n"));
+            let _ = writeln!(out, "# {name}: disabled");
             continue;
         }
         let ex =
             crate::executor::Executor::build(name, executor, env).map_err(|e| e.to_string())?;
         let kinds: Vec<&str> = registry.kinds_of(name).collect();
-        out.push_str(&format!(
-            "# {name}: subscription {}, slots {}{}, kinds [{}]\n",
+        let _ = writeln!(
+            out,
+            "# {name}: subscription {}, slots {}{}, kinds [{}]",
             ex.subscription(),
             ex.slots(),
             ex.devices()
                 .map(|d| format!(", devices [{}]", d.join(", ")))
                 .unwrap_or_default(),
             kinds.join(", ")
-        ));
+        );
     }
     let endpoint = crate::pubsub::Endpoint::resolve(&config.pubsub, env);
-    out.push_str(&format!(
-        "# pubsub endpoint: {}{}\n",
+    let _ = writeln!(
+        out,
+        "# pubsub endpoint: {}{}",
         endpoint.url,
         if endpoint.emulator { " (emulator)" } else { "" }
-    ));
+    );
     Ok(out)
 }
 

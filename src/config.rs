@@ -27,7 +27,7 @@ use crate::handler::Builtin;
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
 /// Exit code for a bad configuration or command line (`EX_USAGE` of sysexits.h).
-pub const EXIT_CONFIG: i32 = 64;
+pub const EXIT_CONFIG: u8 = 64;
 
 /// The whole effective configuration of one worker.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -72,7 +72,7 @@ pub struct PubsubConfig {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct LeaseConfig {
-    /// The deadline each ModifyAckDeadline asks for.
+    /// The deadline each `ModifyAckDeadline` asks for.
     #[serde(with = "humantime_serde")]
     pub extension: Duration,
     /// The longest a lease is kept: past it, extension stops and the message
@@ -345,7 +345,7 @@ impl Config {
     pub fn max_delivery_attempts(&self) -> i32 {
         // Two spare deliveries: a release at shutdown or a lost lease also
         // counts as a delivery, and must not dead-letter a task early.
-        (self.retry.max_attempts as i32 + 2).clamp(5, 100)
+        i32::try_from(self.retry.max_attempts.saturating_add(2)).map_or(100, |n| n.clamp(5, 100))
     }
 }
 

@@ -56,21 +56,18 @@ pub async fn run(files: Vec<PathBuf>, env: Environment) -> anyhow::Result<()> {
         files
     };
     let mut emulator = None;
-    let env = match env.get("PUBSUB_EMULATOR_HOST") {
-        Some(host) => {
-            println!("using the Pub/Sub emulator at {host} (PUBSUB_EMULATOR_HOST)");
-            env
-        }
-        None => {
-            println!("starting the Pub/Sub emulator ...");
-            let e = tokio::task::spawn_blocking(|| Emulator::start(None))
-                .await
-                .context("emulator start")??;
-            println!("Pub/Sub emulator listening on {}", e.host());
-            let env = env.with("PUBSUB_EMULATOR_HOST", e.host());
-            emulator = Some(e);
-            env
-        }
+    let env = if let Some(host) = env.get("PUBSUB_EMULATOR_HOST") {
+        println!("using the Pub/Sub emulator at {host} (PUBSUB_EMULATOR_HOST)");
+        env
+    } else {
+        println!("starting the Pub/Sub emulator ...");
+        let e = tokio::task::spawn_blocking(|| Emulator::start(None))
+            .await
+            .context("emulator start")??;
+        println!("Pub/Sub emulator listening on {}", e.host());
+        let env = env.with("PUBSUB_EMULATOR_HOST", e.host());
+        emulator = Some(e);
+        env
     };
     let config = Config::load(&files, &env).context("loading the dev configuration")?;
     let conn = Connection::new(&config.pubsub, &env)?;
@@ -140,6 +137,8 @@ struct Progress {
 }
 
 impl Progress {
+    // Gauges and counters are whole numbers stored as f64.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     fn read(m: &Metrics) -> Progress {
         let mut p = Progress::default();
         for family in m.registry.gather() {
@@ -154,7 +153,7 @@ impl Progress {
                 };
                 match family.name() {
                     "leasehold_tasks_in_progress" => {
-                        p.running += metric.get_gauge().get_value() as i64
+                        p.running += metric.get_gauge().get_value() as i64;
                     }
                     "leasehold_leases_held" => p.leases += metric.get_gauge().get_value() as i64,
                     "leasehold_tasks_finished_total" => {

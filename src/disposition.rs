@@ -10,7 +10,7 @@ use crate::handler::{Failure, Outcome};
 pub enum Disposition {
     /// Done: acknowledge.
     Ack,
-    /// Retry: the message comes back after `after` (ModifyAckDeadline), like
+    /// Retry: the message comes back after `after` (`ModifyAckDeadline`), like
     /// a Kubernetes Job restarting a failed pod with backoff.
     Retry {
         /// The backoff of this attempt.

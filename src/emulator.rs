@@ -8,7 +8,7 @@
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -56,33 +56,30 @@ pub fn free_port() -> std::io::Result<u16> {
 impl Emulator {
     /// Starts an emulator on a free loopback port and waits until it listens.
     /// Its output goes to `log` (or is discarded).
-    pub fn start(log: Option<PathBuf>) -> Result<Emulator, EmulatorError> {
+    pub fn start(log: Option<&Path>) -> Result<Emulator, EmulatorError> {
         let port = free_port().map_err(|e| EmulatorError::Spawn(e.to_string()))?;
         Emulator::start_on(port, log)
     }
 
     /// Starts an emulator on a given loopback port (e.g. to restart one).
-    pub fn start_on(port: u16, log: Option<PathBuf>) -> Result<Emulator, EmulatorError> {
+    pub fn start_on(port: u16, log: Option<&Path>) -> Result<Emulator, EmulatorError> {
         let host = format!("127.0.0.1:{port}");
-        let mut command = match launcher() {
-            Some(path) => {
-                let mut c = Command::new(path);
-                c.args(["--host=127.0.0.1", &format!("--port={port}")]);
-                c
-            }
-            None => {
-                let mut c = Command::new("gcloud");
-                c.args([
-                    "beta",
-                    "emulators",
-                    "pubsub",
-                    "start",
-                    &format!("--host-port={host}"),
-                ]);
-                c
-            }
+        let mut command = if let Some(path) = launcher() {
+            let mut c = Command::new(path);
+            c.args(["--host=127.0.0.1", &format!("--port={port}")]);
+            c
+        } else {
+            let mut c = Command::new("gcloud");
+            c.args([
+                "beta",
+                "emulators",
+                "pubsub",
+                "start",
+                &format!("--host-port={host}"),
+            ]);
+            c
         };
-        let (out, err) = match log.as_ref().and_then(|p| std::fs::File::create(p).ok()) {
+        let (out, err) = match log.and_then(|p| std::fs::File::create(p).ok()) {
             Some(f) => (
                 Stdio::from(
                     f.try_clone()
@@ -126,7 +123,7 @@ impl Emulator {
 
     /// Stops the whole process group (SIGTERM, then SIGKILL).
     pub fn stop(&mut self) {
-        let pgid = Pid::from_raw(self.child.id() as i32);
+        let pgid = Pid::from_raw(i32::try_from(self.child.id()).expect("a Linux pid fits in i32"));
         let _ = killpg(pgid, Signal::SIGTERM);
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(5) {

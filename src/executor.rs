@@ -83,22 +83,19 @@ impl Executor {
         config: &ExecutorConfig,
         env: &Environment,
     ) -> Result<Executor, ExecutorError> {
-        Ok(match &config.devices {
-            Some(devices) => {
-                let devices =
-                    discovery::resolve(devices, env).map_err(|source| ExecutorError::Devices {
-                        executor: name.to_string(),
-                        source,
-                    })?;
-                Executor::with_devices(name, &config.subscription, devices)
-            }
-            None => {
-                let slots = match config.slots {
-                    0 => std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
-                    n => n,
-                };
-                Executor::new(name, &config.subscription, slots)
-            }
+        Ok(if let Some(devices) = &config.devices {
+            let devices =
+                discovery::resolve(devices, env).map_err(|source| ExecutorError::Devices {
+                    executor: name.to_string(),
+                    source,
+                })?;
+            Executor::with_devices(name, &config.subscription, devices)
+        } else {
+            let slots = match config.slots {
+                0 => std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+                n => n,
+            };
+            Executor::new(name, &config.subscription, slots)
         })
     }
 

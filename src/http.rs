@@ -32,13 +32,13 @@ async fn metrics_text(State(s): State<AppState>) -> impl IntoResponse {
 }
 
 async fn healthz(State(s): State<AppState>) -> impl IntoResponse {
-    if !s.health.alive() {
+    if s.health.alive() {
+        (StatusCode::OK, "ok\n")
+    } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             "a worker loop ended unexpectedly\n",
         )
-    } else {
-        (StatusCode::OK, "ok\n")
     }
 }
 

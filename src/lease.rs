@@ -6,7 +6,7 @@
 //! - [`book`]: the pure, synchronous record of leases (no I/O, no clock of its
 //!   own: every method takes `now`).
 //! - [`lease_loop`]: the loop around it that owns the timers and sends
-//!   batched ModifyAckDeadline and Acknowledge calls through
+//!   batched `ModifyAckDeadline` and Acknowledge calls through
 //!   [`crate::pubsub::DataPlane`].
 
 pub mod book;

@@ -9,7 +9,7 @@ use prometheus::{
 /// still land in a bucket and quantiles stay meaningful.
 pub const DURATION_BUCKETS: &[f64] = &[
     0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0,
-    14400.0, 28800.0, 86400.0, 172800.0,
+    14_400.0, 28_800.0, 86_400.0, 172_800.0,
 ];
 
 /// Every metric the worker exports, registered in one registry.
@@ -35,7 +35,7 @@ pub struct Metrics {
     pub leases_held: IntGaugeVec,
     /// Messages extended, by result.
     pub lease_extensions: IntCounterVec,
-    /// ModifyAckDeadline calls of extension rounds, by result.
+    /// `ModifyAckDeadline` calls of extension rounds, by result.
     pub lease_extension_rpcs: IntCounterVec,
     /// Leases whose deadline passed before an extension succeeded.
     pub leases_lost: IntCounterVec,

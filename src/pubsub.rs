@@ -2,7 +2,7 @@
 //!
 //! - [`connection`]: endpoint and credentials (Google or the emulator), the
 //!   factory of every client.
-//! - [`data_plane`]: Pull, Acknowledge and ModifyAckDeadline behind the
+//! - [`data_plane`]: Pull, Acknowledge and `ModifyAckDeadline` behind the
 //!   narrow [`DataPlane`] trait (our own tonic stub).
 //! - [`publisher`]: what the worker publishes (dead letters, result events),
 //!   behind the narrow [`Publisher`] trait (the official publisher).

@@ -1,5 +1,5 @@
 //! The puller: unary `Pull(max_messages = free slots)`, never more, so a pod
-//! whose slots are busy holds no message it cannot start (RabbitMQ's
+//! whose slots are busy holds no message it cannot start (`RabbitMQ`'s
 //! prefetch-1, on Pub/Sub).
 //!
 //! Several pull loops run per executor when it has several slots: a slot
@@ -73,7 +73,10 @@ impl Puller {
             // the messages it was about to return until their deadline.
             let pulled = self
                 .data_plane
-                .pull(&self.subscription_path, permits.len() as i32)
+                .pull(
+                    &self.subscription_path,
+                    i32::try_from(permits.len()).unwrap_or(i32::MAX),
+                )
                 .await;
             let messages = match pulled {
                 Ok(messages) => {

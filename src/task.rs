@@ -89,7 +89,7 @@ impl Task {
             message_id,
             attributes,
             data,
-            attempt: delivery_attempt.max(1) as u32,
+            attempt: delivery_attempt.max(1).unsigned_abs(),
             publish_time,
         })
     }

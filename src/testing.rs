@@ -34,12 +34,12 @@ struct Outstanding {
 
 /// A data plane that records every call and behaves like one subscription:
 /// pulled messages come back (with `delivery_attempt + 1` and a new ack id)
-/// when their deadline passes, a ModifyAckDeadline moves the deadline, an
+/// when their deadline passes, a `ModifyAckDeadline` moves the deadline, an
 /// Acknowledge removes them. It can be told to fail.
 #[derive(Debug, Default)]
 pub struct FakeDataPlane {
     calls: Mutex<Vec<(Instant, Call)>>,
-    /// While true, ModifyAckDeadline and Acknowledge fail with Unavailable.
+    /// While true, `ModifyAckDeadline` and Acknowledge fail with Unavailable.
     failing: Mutex<bool>,
     /// While set, Pull fails with this code.
     pull_failing: Mutex<Option<tonic::Code>>,
@@ -155,7 +155,7 @@ impl DataPlane for FakeDataPlane {
             let next_expiry = self.redeliver_expired();
             let taken: Vec<ReceivedMessage> = {
                 let mut queue = self.queue.lock().unwrap();
-                let n = (max_messages.max(0) as usize).min(queue.len());
+                let n = usize::try_from(max_messages).unwrap_or(0).min(queue.len());
                 queue.drain(..n).collect()
             };
             if !taken.is_empty() {
@@ -202,7 +202,7 @@ impl DataPlane for FakeDataPlane {
             ids: ids.clone(),
             seconds,
         })?;
-        let deadline = Instant::now() + Duration::from_secs(seconds.max(0) as u64);
+        let deadline = Instant::now() + Duration::from_secs(u64::try_from(seconds).unwrap_or(0));
         let mut outstanding = self.outstanding.lock().unwrap();
         for id in ids {
             if let Some(o) = outstanding.get_mut(&id) {

@@ -54,7 +54,7 @@ pub struct RunOptions {
 /// these two traits, so a whole message life runs on fakes in unit tests.
 #[derive(Clone)]
 pub struct Clients {
-    /// Pull, Acknowledge, ModifyAckDeadline.
+    /// Pull, Acknowledge, `ModifyAckDeadline`.
     pub data_plane: Arc<dyn DataPlane>,
     /// Dead letters and result events.
     pub publisher: Arc<dyn Publisher>,
@@ -134,18 +134,66 @@ pub async fn run_with(
     })?;
     tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
 
-    let stop_pulling = CancellationToken::new();
-    let stop_handlers = CancellationToken::new();
-    let tracker = TaskTracker::new();
+    let mut running = Running::default();
     let results = Results::new(
         clients.publisher.clone(),
         &config.pubsub.results_topic,
         worker_name(&env),
-        tracker.clone(),
+        running.tracker.clone(),
     );
-    let mut pullers = JoinSet::new();
-    let mut lease_loops = JoinSet::new();
+    let shared = Shared {
+        config: &config,
+        clients: &clients,
+        registry: &registry,
+        results: &results,
+        metrics: &metrics,
+        health: &health,
+    };
     for executor in executors {
+        running.start(executor, &shared);
+    }
+    running
+        .run_until(shutdown, options.exit_when_idle, &health)
+        .await;
+    health.set_stopping();
+    running.shut_down(config.shutdown.grace).await;
+    stop_http.cancel();
+    tracing::info!("worker stopped");
+    Ok(())
+}
+
+/// What every executor's loops share.
+struct Shared<'a> {
+    config: &'a Config,
+    clients: &'a Clients,
+    registry: &'a Arc<HandlerRegistry>,
+    results: &'a Results,
+    metrics: &'a Metrics,
+    health: &'a Health,
+}
+
+/// The running loops of the worker and the tokens that stop them.
+#[derive(Default)]
+struct Running {
+    pullers: JoinSet<()>,
+    lease_loops: JoinSet<Result<(), tokio::task::JoinError>>,
+    /// Every task (and result publish) in flight.
+    tracker: TaskTracker,
+    /// Cancelled first at shutdown: no new Pulls.
+    stop_pulling: CancellationToken,
+    /// Cancelled at the end of the grace period: handlers are stopped.
+    stop_handlers: CancellationToken,
+}
+
+impl Running {
+    /// Starts one executor: its lease loop, its dispatcher and its pull loops.
+    fn start(&mut self, executor: Arc<Executor>, shared: &Shared<'_>) {
+        let Shared {
+            config,
+            clients,
+            metrics,
+            ..
+        } = shared;
         let subscription = executor.subscription().to_string();
         let subscription_path = format!(
             "projects/{}/subscriptions/{subscription}",
@@ -154,7 +202,7 @@ pub async fn run_with(
         metrics
             .executor_slots
             .with_label_values(&[executor.name()])
-            .set(executor.slots() as i64);
+            .set(i64::try_from(executor.slots()).unwrap_or(i64::MAX));
         metrics
             .tasks_in_progress
             .with_label_values(&[executor.name()])
@@ -169,23 +217,23 @@ pub async fn run_with(
                 max_lease: config.lease.max_lease,
                 ..LeaseLoopOptions::default()
             },
-            metrics.clone(),
+            (*metrics).clone(),
         );
-        lease_loops.spawn(lease_task);
+        self.lease_loops.spawn(lease_task);
         let dispatcher = Dispatcher::new(
             executor.clone(),
             DispatcherParts {
-                registry: registry.clone(),
+                registry: shared.registry.clone(),
                 dead_letters: DeadLetters::new(
                     clients.publisher.clone(),
                     &config.pubsub.dead_letter_topic,
                     &subscription,
                 ),
-                results: results.clone(),
+                results: shared.results.clone(),
                 retry: config.retry.clone(),
-                stop: stop_handlers.clone(),
+                stop: self.stop_handlers.clone(),
                 kill_grace: config.shutdown.kill_grace,
-                metrics: metrics.clone(),
+                metrics: (*metrics).clone(),
             },
         );
         let loops = pull_loops(executor.slots());
@@ -198,66 +246,73 @@ pub async fn run_with(
             subscription_path,
             lease,
             dispatcher,
-            tracker: tracker.clone(),
-            metrics: metrics.clone(),
-            stop: stop_pulling.clone(),
-            activity: health.watch(),
+            tracker: self.tracker.clone(),
+            metrics: (*metrics).clone(),
+            stop: self.stop_pulling.clone(),
+            activity: shared.health.watch(),
         });
         for _ in 0..loops {
-            pullers.spawn(puller.clone().run());
+            self.pullers.spawn(puller.clone().run());
         }
     }
 
-    let idle = wait_idle(options.exit_when_idle, &tracker, &health);
-    tokio::pin!(idle, shutdown);
-    loop {
-        tokio::select! {
-            () = &mut shutdown => {
-                tracing::info!("shutdown requested; no new tasks will be pulled");
-                break;
-            }
-            () = &mut idle => {
-                tracing::info!("idle for the --exit-when-idle period; stopping");
-                break;
-            }
-            // Pull loops and lease loops run until shutdown; one ending
-            // now is a bug: say so, and fail liveness so the pod restarts.
-            Some(_) = pullers.join_next() => {
-                tracing::error!("a pull loop ended unexpectedly");
-                health.set_broken();
-            }
-            Some(_) = lease_loops.join_next() => {
-                tracing::error!("a lease loop ended unexpectedly");
-                health.set_broken();
+    /// Runs until `shutdown` completes or Job mode finds the worker idle.
+    async fn run_until(
+        &mut self,
+        shutdown: impl Future<Output = ()>,
+        exit_when_idle: Option<Duration>,
+        health: &Health,
+    ) {
+        let idle = wait_idle(exit_when_idle, &self.tracker, health);
+        tokio::pin!(idle, shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => {
+                    tracing::info!("shutdown requested; no new tasks will be pulled");
+                    return;
+                }
+                () = &mut idle => {
+                    tracing::info!("idle for the --exit-when-idle period; stopping");
+                    return;
+                }
+                // Pull loops and lease loops run until shutdown; one ending
+                // now is a bug: say so, and fail liveness so the pod restarts.
+                Some(_) = self.pullers.join_next() => {
+                    tracing::error!("a pull loop ended unexpectedly");
+                    health.set_broken();
+                }
+                Some(_) = self.lease_loops.join_next() => {
+                    tracing::error!("a lease loop ended unexpectedly");
+                    health.set_broken();
+                }
             }
         }
     }
-    health.set_stopping();
 
-    // 1. Stop pulling; 2. let tasks finish within the grace period.
-    let grace_ends = tokio::time::Instant::now() + config.shutdown.grace;
-    stop_pulling.cancel();
-    // Our own Pulls end first (within PULL_TIMEOUT), so a message released
-    // below goes to another pod instead of into one of our outstanding Pulls.
-    while pullers.join_next().await.is_some() {}
-    tracker.close();
-    if tokio::time::timeout_at(grace_ends, tracker.wait())
-        .await
-        .is_err()
-    {
-        // 3. Stop the handlers; their tasks release their messages.
-        tracing::warn!(running = tracker.len(),
-            grace = %humantime::format_duration(config.shutdown.grace),
-            "grace period over; stopping the running handlers and releasing their messages");
-        stop_handlers.cancel();
-        tracker.wait().await;
+    /// The shutdown sequence of the module docs, steps 1 to 4.
+    async fn shut_down(mut self, grace: Duration) {
+        // 1. Stop pulling; 2. let tasks finish within the grace period.
+        let grace_ends = tokio::time::Instant::now() + grace;
+        self.stop_pulling.cancel();
+        // Our own Pulls end first (within PULL_TIMEOUT), so a message released
+        // below goes to another pod instead of into one of our outstanding Pulls.
+        while self.pullers.join_next().await.is_some() {}
+        self.tracker.close();
+        if tokio::time::timeout_at(grace_ends, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            // 3. Stop the handlers; their tasks release their messages.
+            tracing::warn!(running = self.tracker.len(),
+                grace = %humantime::format_duration(grace),
+                "grace period over; stopping the running handlers and releasing their messages");
+            self.stop_handlers.cancel();
+            self.tracker.wait().await;
+        }
+        // 4. The last lease handles are gone with the pullers and tasks: the
+        // loops now flush and end.
+        while self.lease_loops.join_next().await.is_some() {}
     }
-    // 4. The last lease handles are gone with the pullers and tasks: the
-    // loops now flush and end.
-    while lease_loops.join_next().await.is_some() {}
-    stop_http.cancel();
-    tracing::info!("worker stopped");
-    Ok(())
 }
 
 /// The pod name (HOSTNAME on Kubernetes), else the host name.

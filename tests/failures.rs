@@ -219,7 +219,7 @@ async fn a_succeeding_handlers_result_json_arrives_in_its_succeeded_event() {
 }
 
 /// SIGTERM during a long task with a short grace: the worker exits 0 within
-/// grace + kill_grace + a few seconds, and a second worker finishes the task
+/// grace + `kill_grace` + a few seconds, and a second worker finishes the task
 /// within seconds (attempt 2), not after the ack deadline.
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_past_grace_releases_the_task_to_another_worker_at_once() {
@@ -351,7 +351,7 @@ async fn the_worker_survives_an_emulator_restart() {
     let http = worker.http_addr().await;
     let ready = |want: u16| {
         let http = http.clone();
-        move || http_get(&http, "/readyz").map(|(s, _)| s).unwrap_or(0) == want
+        move || http_get(&http, "/readyz").map_or(0, |(s, _)| s) == want
     };
     eventually(
         Duration::from_secs(10),

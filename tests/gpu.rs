@@ -54,7 +54,7 @@ async fn gpu_tasks_get_one_device_each_and_never_share_it() {
     // At most two at once: the most tasks running at any instant (an end
     // and a start at the same millisecond count as a hand-over).
     let mut edges: Vec<(u64, i32)> = spans.iter().flat_map(|s| [(s.0, 1), (s.1, -1)]).collect();
-    edges.sort();
+    edges.sort_unstable();
     let mut running = 0;
     for (_, step) in edges {
         running += step;
@@ -145,10 +145,11 @@ fn check_config(
 }
 
 /// `devices = "auto"`: a fake nvidia-smi on PATH listing three GPUs gives
-/// three slots pinned by UUID; NVIDIA_VISIBLE_DEVICES narrows them (indices
+/// three slots pinned by UUID; `NVIDIA_VISIBLE_DEVICES` narrows them (indices
 /// mapped to UUIDs, UUIDs as given, `none` = no GPU); neither is a clear error.
 #[test]
 fn auto_discovery_uses_visible_devices_then_nvidia_smi() {
+    use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let bin = dir.path().join("bin");
     std::fs::create_dir(&bin).unwrap();
@@ -161,7 +162,6 @@ fn auto_discovery_uses_visible_devices_then_nvidia_smi() {
          echo 'GPU 2: NVIDIA H200 (UUID: GPU-2222)'\n",
     )
     .unwrap();
-    use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&smi, std::fs::Permissions::from_mode(0o755)).unwrap();
     let config = dir.path().join("gpu.toml");
     std::fs::write(

@@ -177,6 +177,8 @@ fn secs(v: &Value) -> u64 {
     v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
 }
 
+// One pass over every overlay, checking each fact in turn.
+#[allow(clippy::too_many_lines)]
 #[test]
 fn overlays_agree_with_their_config() {
     for overlay in OVERLAYS {
@@ -208,7 +210,7 @@ fn overlays_agree_with_their_config() {
         let port = &container["ports"][0];
         assert_eq!(
             secs(&port["containerPort"]),
-            config.http.listen.port() as u64,
+            u64::from(config.http.listen.port()),
             "{overlay}"
         );
         let port_name = port["name"].as_str().unwrap();
@@ -445,7 +447,7 @@ fn config_connector_resources_match_setup() {
                 p.dead_letter_topic.as_str()
             );
             assert_eq!(
-                secs(&dl["maxDeliveryAttempts"]) as i32,
+                i32::try_from(secs(&dl["maxDeliveryAttempts"])).unwrap(),
                 config.max_delivery_attempts()
             );
             assert!(

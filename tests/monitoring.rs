@@ -22,8 +22,7 @@ fn tool(name: &str) -> Command {
     let found = Command::new("sh")
         .args(["-c", &format!("command -v {name}")])
         .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
+        .is_ok_and(|o| o.status.success());
     assert!(
         found,
         "{name} is not installed: `apt-get install prometheus` (.ci/run does this)"
@@ -135,6 +134,8 @@ const CORE_PANELS: &[&str] = &[
     "Versions",
 ];
 
+// One scenario, read top to bottom: worker, load, scrape, Prometheus, queries.
+#[allow(clippy::too_many_lines)]
 #[tokio::test(flavor = "multi_thread")]
 async fn a_real_prometheus_scrapes_a_worker_and_every_dashboard_query_evaluates() {
     let extra = "[executors.cpu]\nslots = 4\n\
@@ -191,9 +192,7 @@ async fn a_real_prometheus_scrapes_a_worker_and_every_dashboard_query_evaluates(
         Duration::from_secs(30),
         "Prometheus to scrape the worker",
         || {
-            http_get(&prom.addr, "/-/ready")
-                .map(|(s, _)| s == 200)
-                .unwrap_or(false)
+            http_get(&prom.addr, "/-/ready").is_ok_and(|(s, _)| s == 200)
                 && query(&prom.addr, "up{job=\"leasehold\"} == 1")["data"]["result"]
                     .as_array()
                     .is_some_and(|r| !r.is_empty())

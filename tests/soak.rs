@@ -30,8 +30,8 @@ fn modes() -> Vec<Mode> {
     (0..TASKS)
         .map(|_| {
             x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
             match (x >> 33) % 10 {
                 0 => Mode::Permanent,
                 1 => Mode::FailOnce,
@@ -41,6 +41,8 @@ fn modes() -> Vec<Mode> {
         .collect()
 }
 
+// One scenario, read top to bottom: publish, restart midway, account for every task.
+#[allow(clippy::too_many_lines)]
 #[tokio::test(flavor = "multi_thread")]
 async fn every_task_ends_exactly_once_through_a_worker_restart() {
     let script = r#"read -r mode

@@ -7,7 +7,7 @@ use std::time::Duration;
 use super::{Config, ConfigError, Devices, ExecutorConfig};
 use crate::handler::HandlerRegistry;
 
-/// Pub/Sub's bounds for a subscription's ack deadline and for ModifyAckDeadline.
+/// Pub/Sub's bounds for a subscription's ack deadline and for `ModifyAckDeadline`.
 pub(crate) const ACK_DEADLINE_RANGE: (Duration, Duration) =
     (Duration::from_secs(10), Duration::from_secs(600));
 

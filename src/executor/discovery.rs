@@ -70,7 +70,7 @@ impl DiscoveryError {
     fn context(self, what: &str) -> DiscoveryError {
         match self {
             DiscoveryError::NotFound(why) => DiscoveryError::NotFound(format!("{what} and {why}")),
-            other => other,
+            none @ DiscoveryError::NoneVisible(_) => none,
         }
     }
 }
@@ -191,9 +191,9 @@ mod tests {
 
     #[test]
     fn visible_devices_table() {
+        type Resolved = Result<Vec<String>, DiscoveryError>;
         let (_dir, path) = fake_nvidia_smi(LISTING);
         let both = vec!["GPU-aaaa".to_string(), "GPU-bbbb".to_string()];
-        type Resolved = Result<Vec<String>, DiscoveryError>;
         let cases: &[(Option<&str>, Resolved)] = &[
             // Indices: never copied; the driver's UUIDs instead (a
             // container's own listing, or the driver's numbering outside one).

@@ -114,7 +114,10 @@ impl ExecHandler {
                 };
             }
         };
-        let pgid = child.id().map(|id| Pid::from_raw(id as i32));
+        let pgid = child
+            .id()
+            .and_then(|id| i32::try_from(id).ok())
+            .map(Pid::from_raw);
 
         // Feed stdin from a task: a handler that does not read it must not block us.
         if let Some(mut stdin) = child.stdin.take() {
@@ -138,8 +141,8 @@ impl ExecHandler {
         let timeout = self.timeout.unwrap_or(Duration::MAX);
         let (ended, exited) = tokio::select! {
             status = child.wait() => (Ended::Exited, Some(status)),
-            _ = sleep_for(timeout) => (Ended::TimedOut, None),
-            _ = ctx.stop.cancelled() => (Ended::Stopped, None),
+            () = sleep_for(timeout) => (Ended::TimedOut, None),
+            () = ctx.stop.cancelled() => (Ended::Stopped, None),
         };
         let status = match exited {
             Some(status) => status,
@@ -199,14 +202,13 @@ async fn stop_group(
     if let Some(pgid) = pgid {
         let _ = killpg(pgid, Signal::SIGTERM);
     }
-    match tokio::time::timeout(grace, child.wait()).await {
-        Ok(status) => status,
-        Err(_) => {
-            if let Some(pgid) = pgid {
-                let _ = killpg(pgid, Signal::SIGKILL);
-            }
-            child.wait().await
+    if let Ok(status) = tokio::time::timeout(grace, child.wait()).await {
+        status
+    } else {
+        if let Some(pgid) = pgid {
+            let _ = killpg(pgid, Signal::SIGKILL);
         }
+        child.wait().await
     }
 }
 

@@ -48,7 +48,7 @@ fn extend_point(at: Instant, period: Duration) -> Instant {
 }
 
 impl LeaseBook {
-    /// An empty book. `extension` is what each ModifyAckDeadline asks for.
+    /// An empty book. `extension` is what each `ModifyAckDeadline` asks for.
     pub fn new(extension: Duration, max_lease: Duration) -> Self {
         LeaseBook {
             extension,

@@ -20,7 +20,7 @@ use crate::lease::{Lease, LeaseBook};
 use crate::metrics::Metrics;
 use crate::pubsub::{DataPlane, RpcError};
 
-/// Most ack ids sent in one Acknowledge or ModifyAckDeadline.
+/// Most ack ids sent in one Acknowledge or `ModifyAckDeadline`.
 pub const MAX_ACK_IDS_PER_RPC: usize = 2_500;
 
 /// Settings of one lease loop.
@@ -162,13 +162,13 @@ impl LeaseLoop {
                     Some(command) => self.apply(command),
                     None => break,
                 },
-                _ = sleep_until(flush_at.unwrap_or_else(Instant::now)), if flush_at.is_some() => {
+                () = sleep_until(flush_at.unwrap_or_else(Instant::now)), if flush_at.is_some() => {
                     self.flush();
                 }
-                _ = sleep_until(round_at.unwrap_or_else(Instant::now)), if round_at.is_some() => {
+                () = sleep_until(round_at.unwrap_or_else(Instant::now)), if round_at.is_some() => {
                     self.start_round();
                 }
-                _ = sleep_until(lost_at.unwrap_or_else(Instant::now)), if lost_at.is_some() => {
+                () = sleep_until(lost_at.unwrap_or_else(Instant::now)), if lost_at.is_some() => {
                     self.count_lost();
                 }
             }
@@ -225,7 +225,7 @@ impl LeaseLoop {
         self.metrics
             .leases_held
             .with_label_values(&[&self.options.label])
-            .set(self.book.len() as i64);
+            .set(i64::try_from(self.book.len()).unwrap_or(i64::MAX));
     }
 
     /// Sends pending acks and deadline changes, each retried in the background.
@@ -251,7 +251,7 @@ impl LeaseLoop {
                 self.rpcs.spawn(async move {
                     let n = ids.len();
                     let result = retrying(give_up, || {
-                        dp.modify_ack_deadline(&sub, ids.clone(), secs as i32)
+                        dp.modify_ack_deadline(&sub, ids.clone(), i32::try_from(secs).unwrap_or(600))
                     })
                     .await;
                     if let Err(e) = result {
@@ -275,7 +275,7 @@ impl LeaseLoop {
         if !round.expired.is_empty() {
             self.update_held();
         }
-        let secs = self.options.extension.as_secs() as i32;
+        let secs = i32::try_from(self.options.extension.as_secs()).unwrap_or(600);
         for ids in round
             .due
             .chunks(MAX_ACK_IDS_PER_RPC)

@@ -78,7 +78,7 @@ pub async fn setup(conn: &Connection, config: &Config) -> Result<Vec<Change>, Se
     let topics = conn.topic_admin().await?;
     let subs = conn.subscription_admin().await?;
     let mut changes = Vec::new();
-    let ack_deadline_seconds = config.pubsub.ack_deadline.as_secs() as i32;
+    let ack_deadline_seconds = i32::try_from(config.pubsub.ack_deadline.as_secs()).unwrap_or(600);
 
     // Dead letters and results are kept in a subscription of the same name,
     // so they can be read (and are not discarded for lack of a subscriber).

@@ -134,7 +134,7 @@ impl Connection {
         format!("projects/{}/subscriptions/{id}", self.project)
     }
 
-    /// The data-plane stub (Pull, Acknowledge, ModifyAckDeadline).
+    /// The data-plane stub (Pull, Acknowledge, `ModifyAckDeadline`).
     pub fn data_plane(&self) -> GrpcDataPlane {
         GrpcDataPlane::new(self.channel.clone(), self.credentials.clone())
     }

@@ -1,4 +1,4 @@
-//! The data plane: Pull, Acknowledge and ModifyAckDeadline, as generated
+//! The data plane: Pull, Acknowledge and `ModifyAckDeadline`, as generated
 //! tonic stubs behind one narrow trait.
 //!
 //! The official `Subscriber` hides ack ids and deadlines; leasehold owns its
@@ -41,7 +41,11 @@ impl RpcError {
 
 /// gRPC codes in snake case, for bounded metric labels.
 pub fn code_label(code: tonic::Code) -> &'static str {
-    use tonic::Code::*;
+    use tonic::Code::{
+        Aborted, AlreadyExists, Cancelled, DataLoss, DeadlineExceeded, FailedPrecondition,
+        Internal, InvalidArgument, NotFound, Ok, OutOfRange, PermissionDenied, ResourceExhausted,
+        Unauthenticated, Unavailable, Unimplemented, Unknown,
+    };
     match code {
         Ok => "ok",
         Cancelled => "cancelled",
@@ -139,7 +143,7 @@ impl GrpcDataPlane {
     }
 }
 
-fn rpc_error(rpc: &'static str, status: tonic::Status) -> RpcError {
+fn rpc_error(rpc: &'static str, status: &tonic::Status) -> RpcError {
     RpcError {
         rpc,
         code: status.code(),
@@ -166,7 +170,7 @@ impl DataPlane for GrpcDataPlane {
             Ok(response) => Ok(response.into_inner().received_messages),
             // A long poll that found nothing in time is an empty answer.
             Err(s) if s.code() == tonic::Code::DeadlineExceeded => Ok(Vec::new()),
-            Err(s) => Err(rpc_error("Pull", s)),
+            Err(s) => Err(rpc_error("Pull", &s)),
         }
     }
 
@@ -181,7 +185,7 @@ impl DataPlane for GrpcDataPlane {
             .acknowledge(request)
             .await
             .map(|_| ())
-            .map_err(|s| rpc_error("Acknowledge", s))
+            .map_err(|s| rpc_error("Acknowledge", &s))
     }
 
     async fn modify_ack_deadline(
@@ -203,6 +207,6 @@ impl DataPlane for GrpcDataPlane {
             .modify_ack_deadline(request)
             .await
             .map(|_| ())
-            .map_err(|s| rpc_error("ModifyAckDeadline", s))
+            .map_err(|s| rpc_error("ModifyAckDeadline", &s))
     }
 }

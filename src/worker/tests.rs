@@ -1,4 +1,4 @@
-//! Whole message lives through the real Puller → Dispatcher → LeaseLoop, on
+//! Whole message lives through the real Puller → Dispatcher → `LeaseLoop`, on
 //! a fake data plane and a fake publisher, in paused time: hours of task
 //! time run in milliseconds. The black-box tests in `tests/` prove the wire.
 

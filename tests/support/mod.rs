@@ -206,7 +206,7 @@ pub struct WorkerProcess {
 impl WorkerProcess {
     /// The process id.
     pub fn pid(&self) -> i32 {
-        self.child.as_ref().unwrap().id() as i32
+        self.child.as_ref().unwrap().id().cast_signed()
     }
 
     /// Sends a signal.
@@ -264,9 +264,10 @@ pub fn lines(path: &Path) -> Vec<String> {
 pub async fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
     let start = Instant::now();
     while !check() {
-        if start.elapsed() > limit {
-            panic!("timed out after {limit:?} waiting for: {what}");
-        }
+        assert!(
+            start.elapsed() <= limit,
+            "timed out after {limit:?} waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
