@@ -101,9 +101,11 @@ async fn counters_move_as_tasks_run_and_leases_return_to_zero() {
     assert!(!body.contains("task_id"), "no unbounded labels");
 }
 
-/// `LEASEHOLD_LOG_FORMAT=json`: one JSON object per line with Cloud Logging's
-/// `severity` and `message`, and the task's fields on every line about it,
-/// the handler's own output included.
+/// `LEASEHOLD_LOG_FORMAT=json`: one JSON object per line in Cloud Logging's
+/// structured format (`severity`, `message`, `time`, the source location),
+/// the task's fields under `span` on every line about it, the handler's own
+/// output included, and all of a task's lines on one trace of the
+/// configured project.
 #[tokio::test(flavor = "multi_thread")]
 async fn json_logs_carry_severity_message_and_task_fields() {
     let extra = "[handlers.talk]\nexecutor = \"cpu\"\ncommand = [\"/bin/sh\", \"-c\", \"echo hello from the handler; echo oops >&2; exit 1\"]\n\
@@ -122,18 +124,26 @@ async fn json_logs_carry_severity_message_and_task_fields() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
         .collect();
-    assert!(
-        lines
-            .iter()
-            .all(|l| l["severity"].is_string() && l["message"].is_string())
-    );
-    let about_task: Vec<&serde_json::Value> =
-        lines.iter().filter(|l| l["task_id"] == "j-1").collect();
+    assert!(lines.iter().all(|l| l["severity"].is_string()
+        && l["message"].is_string()
+        && l["time"].is_string()
+        && l["logging.googleapis.com/sourceLocation"]["file"].is_string()));
+    let about_task: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l["span"]["task_id"] == "j-1")
+        .collect();
     assert!(about_task.len() >= 4, "{lines:?}");
+    let trace_prefix = format!("projects/{}/traces/", world.config.pubsub.project);
+    let trace = about_task[0]["logging.googleapis.com/trace"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no trace: {}", about_task[0]));
+    assert!(trace.starts_with(&trace_prefix), "{trace}");
     for l in &about_task {
-        assert_eq!(l["kind"], "talk", "{l}");
-        assert_eq!(l["executor"], "cpu", "{l}");
-        assert_eq!(l["attempt"], 1, "{l}");
+        assert_eq!(l["span"]["kind"], "talk", "{l}");
+        assert_eq!(l["span"]["executor"], "cpu", "{l}");
+        assert_eq!(l["span"]["attempt"], 1, "{l}");
+        assert_eq!(l["logging.googleapis.com/trace"], trace, "one trace: {l}");
+        assert!(l["logging.googleapis.com/spanId"].is_string(), "{l}");
     }
     let said = about_task
         .iter()
