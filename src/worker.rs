@@ -122,6 +122,17 @@ pub async fn run_with(
 
     let mut pullers = JoinSet::new();
     let mut lease_loops = JoinSet::new();
+    metrics.init_known_series(
+        &executors
+            .iter()
+            .map(|e| (e.class().as_str(), e.subscription()))
+            .collect::<Vec<_>>(),
+        &config
+            .handlers
+            .iter()
+            .map(|(kind, h)| (kind.as_str(), h.executor.as_str()))
+            .collect::<Vec<_>>(),
+    );
     for executor in executors {
         let class = executor.class();
         let subscription_path = conn.subscription_path(executor.subscription());

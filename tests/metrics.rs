@@ -16,8 +16,38 @@ async fn counters_move_as_tasks_run_and_leases_return_to_zero() {
     let world = World::new("metrics", &extra).await;
     let worker = world.spawn_worker("w1", &[]);
     let http = worker.http_addr().await;
+    // The executors are set up just after the server starts listening.
+    eventually(Duration::from_secs(10), "the executor", || {
+        worker.log().contains("executor started")
+    })
+    .await;
     let (status, body) = http_get(&http, "/metrics").unwrap();
     assert_eq!(status, 200);
+    // Before any task, every series with known labels is there at 0.
+    let sub = &world.config.executors.cpu.subscription;
+    for series in [
+        format!("leasehold_lease_extensions_total{{result=\"success\",subscription=\"{sub}\"}}"),
+        format!(
+            "leasehold_lease_extension_rpcs_total{{result=\"failure\",subscription=\"{sub}\"}}"
+        ),
+        format!("leasehold_leases_lost_total{{subscription=\"{sub}\"}}"),
+        format!("leasehold_messages_pulled_total{{subscription=\"{sub}\"}}"),
+        "leasehold_tasks_started_total{executor=\"cpu\",kind=\"job\"}".to_string(),
+    ] {
+        assert_eq!(sample(&body, &series), Some(0.0), "{series}\n{body}");
+    }
+    for outcome in [
+        "succeeded",
+        "retrying",
+        "dead_lettered",
+        "released",
+        "lease_lost",
+    ] {
+        let series = format!(
+            "leasehold_tasks_finished_total{{executor=\"cpu\",kind=\"job\",outcome=\"{outcome}\"}}"
+        );
+        assert_eq!(sample(&body, &series), Some(0.0), "{series}\n{body}");
+    }
     assert_eq!(
         sample(&body, "leasehold_executor_slots{executor=\"cpu\"}"),
         Some(3.0)
@@ -43,7 +73,6 @@ async fn counters_move_as_tasks_run_and_leases_return_to_zero() {
             == 2
     })
     .await;
-    let sub = &world.config.executors.cpu.subscription;
     let mut body = String::new();
     eventually(Duration::from_secs(10), "the counters", || {
         body = http_get(&http, "/metrics").unwrap().1;
