@@ -128,12 +128,15 @@ pub fn main() -> ExitCode {
     runtime.block_on(execute(cli.command, env))
 }
 
-/// A configuration for a command, or the exit code of refusing it.
+/// A configuration for a command, or the exit code of refusing it. Its
+/// project completes the JSON log lines' trace field from here on.
 fn load(args: &ConfigArgs, env: &Environment) -> Result<Config, ExitCode> {
-    Config::load(&args.files, env).map_err(|e| {
+    let config = Config::load(&args.files, env).map_err(|e| {
         eprintln!("leasehold: {e}");
         ExitCode::from(EXIT_CONFIG)
-    })
+    })?;
+    crate::telemetry::set_project(&config.pubsub.project);
+    Ok(config)
 }
 
 fn unavailable(e: impl std::fmt::Display) -> ExitCode {

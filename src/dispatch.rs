@@ -105,6 +105,13 @@ impl Dispatcher {
         lease.set_task_id(&task.task_id);
         let span = tracing::info_span!("task", task_id = %task.task_id, kind = %task.kind,
             executor = %self.executor.name(), attempt = task.attempt);
+        // A producer's trace (W3C trace context) continues into the task's log lines.
+        crate::telemetry::continue_trace(
+            &span,
+            task.attributes
+                .get(crate::telemetry::TRACEPARENT_ATTRIBUTE)
+                .map(String::as_str),
+        );
         async {
             let handler = match route(&self.parts.registry, &task.kind, self.executor.name()) {
                 Ok(registered) => &registered.handler,

@@ -12,6 +12,21 @@ pub const DURATION_BUCKETS: &[f64] = &[
     14_400.0, 28_800.0, 86_400.0, 172_800.0,
 ];
 
+/// The `outcome` label of `tasks_finished`: how a task's attempt ended.
+pub const TASK_OUTCOMES: &[&str] = &[
+    "succeeded",
+    "retrying",
+    "dead_lettered",
+    "released",
+    "lease_lost",
+];
+
+/// The `outcome` label of `task_duration`: how the handler run itself ended.
+pub const RUN_OUTCOMES: &[&str] = &["succeeded", "failed"];
+
+/// The `result` label of the lease-extension counters.
+pub const EXTENSION_RESULTS: &[&str] = &["success", "failure"];
+
 /// Every metric the worker exports, registered in one registry.
 #[derive(Clone, Debug)]
 pub struct Metrics {
@@ -158,6 +173,45 @@ impl Metrics {
         m
     }
 
+    /// Creates at 0 every series whose label values are known at start, so
+    /// dashboards and `rate()` read 0 rather than "No data" before the first
+    /// event. `executors` are (executor, subscription id) pairs; `kinds` are
+    /// (kind, executor) pairs; a kind of an executor not in `executors` (not
+    /// run by this worker) is skipped. Plain strings, so this does not depend
+    /// on the configuration's types. Series already there keep their values.
+    pub fn init_known_series(&self, executors: &[(&str, &str)], kinds: &[(&str, &str)]) {
+        for &(executor, subscription) in executors {
+            // `with_label_values` creates a missing series at 0 and returns
+            // an existing one untouched.
+            self.tasks_in_progress.with_label_values(&[executor]);
+            self.executor_slots.with_label_values(&[executor]);
+            self.messages_pulled.with_label_values(&[subscription]);
+            self.leases_held.with_label_values(&[subscription]);
+            self.leases_lost.with_label_values(&[subscription]);
+            for &result in EXTENSION_RESULTS {
+                self.lease_extensions
+                    .with_label_values(&[subscription, result]);
+                self.lease_extension_rpcs
+                    .with_label_values(&[subscription, result]);
+            }
+        }
+        for &(kind, executor) in kinds {
+            if !executors.iter().any(|&(e, _)| e == executor) {
+                continue;
+            }
+            self.tasks_started.with_label_values(&[kind, executor]);
+            self.task_queue_wait.with_label_values(&[kind, executor]);
+            for &outcome in TASK_OUTCOMES {
+                self.tasks_finished
+                    .with_label_values(&[kind, executor, outcome]);
+            }
+            for &outcome in RUN_OUTCOMES {
+                self.task_duration
+                    .with_label_values(&[kind, executor, outcome]);
+            }
+        }
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> String {
         let mut buf = Vec::new();
@@ -171,5 +225,120 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The value of one sample line of the exposition, if the series is there.
+    fn sample(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .map(|v| v.parse().unwrap())
+    }
+
+    #[test]
+    fn known_series_start_at_zero() {
+        let m = Metrics::new();
+        let before = m.encode();
+        assert_eq!(
+            sample(
+                &before,
+                r#"leasehold_lease_extensions_total{result="success",subscription="sub-cpu"}"#
+            ),
+            None,
+            "absent until initialised"
+        );
+        m.init_known_series(
+            &[("cpu", "sub-cpu"), ("gpu", "sub-gpu")],
+            &[("job", "cpu"), ("render", "gpu")],
+        );
+        let text = m.encode();
+        for (executor, sub) in [("cpu", "sub-cpu"), ("gpu", "sub-gpu")] {
+            for series in [
+                format!(r#"leasehold_tasks_in_progress{{executor="{executor}"}}"#),
+                format!(r#"leasehold_executor_slots{{executor="{executor}"}}"#),
+                format!(r#"leasehold_messages_pulled_total{{subscription="{sub}"}}"#),
+                format!(r#"leasehold_leases_held{{subscription="{sub}"}}"#),
+                format!(r#"leasehold_leases_lost_total{{subscription="{sub}"}}"#),
+                format!(
+                    r#"leasehold_lease_extensions_total{{result="success",subscription="{sub}"}}"#
+                ),
+                format!(
+                    r#"leasehold_lease_extensions_total{{result="failure",subscription="{sub}"}}"#
+                ),
+                format!(
+                    r#"leasehold_lease_extension_rpcs_total{{result="success",subscription="{sub}"}}"#
+                ),
+                format!(
+                    r#"leasehold_lease_extension_rpcs_total{{result="failure",subscription="{sub}"}}"#
+                ),
+            ] {
+                assert_eq!(sample(&text, &series), Some(0.0), "{series}\n{text}");
+            }
+        }
+        for (kind, executor) in [("job", "cpu"), ("render", "gpu")] {
+            let started =
+                format!(r#"leasehold_tasks_started_total{{executor="{executor}",kind="{kind}"}}"#);
+            assert_eq!(sample(&text, &started), Some(0.0), "{started}");
+            for outcome in TASK_OUTCOMES {
+                let series = format!(
+                    r#"leasehold_tasks_finished_total{{executor="{executor}",kind="{kind}",outcome="{outcome}"}}"#
+                );
+                assert_eq!(sample(&text, &series), Some(0.0), "{series}");
+            }
+            for outcome in RUN_OUTCOMES {
+                let series = format!(
+                    r#"leasehold_task_duration_seconds_count{{executor="{executor}",kind="{kind}",outcome="{outcome}"}}"#
+                );
+                assert_eq!(sample(&text, &series), Some(0.0), "{series}");
+            }
+            let wait = format!(
+                r#"leasehold_task_queue_wait_seconds_count{{executor="{executor}",kind="{kind}"}}"#
+            );
+            assert_eq!(sample(&text, &wait), Some(0.0), "{wait}");
+        }
+        // A kind is only crossed with its own executor.
+        assert_eq!(
+            sample(
+                &text,
+                r#"leasehold_tasks_started_total{executor="gpu",kind="job"}"#
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn kinds_of_executors_this_worker_does_not_run_get_no_series() {
+        let m = Metrics::new();
+        m.init_known_series(&[("cpu", "sub-cpu")], &[("job", "cpu"), ("render", "gpu")]);
+        let text = m.encode();
+        assert_eq!(
+            sample(
+                &text,
+                r#"leasehold_tasks_started_total{executor="cpu",kind="job"}"#
+            ),
+            Some(0.0)
+        );
+        assert!(!text.contains(r#"executor="gpu""#), "{text}");
+    }
+
+    #[test]
+    fn initialising_keeps_values_already_counted() {
+        let m = Metrics::new();
+        m.tasks_finished
+            .with_label_values(&["job", "cpu", "succeeded"])
+            .inc_by(3);
+        m.executor_slots.with_label_values(&["cpu"]).set(4);
+        m.init_known_series(&[("cpu", "sub")], &[("job", "cpu")]);
+        assert_eq!(
+            m.tasks_finished
+                .with_label_values(&["job", "cpu", "succeeded"])
+                .get(),
+            3
+        );
+        assert_eq!(m.executor_slots.with_label_values(&["cpu"]).get(), 4);
     }
 }

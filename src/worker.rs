@@ -149,6 +149,17 @@ pub async fn run_with(
         metrics: &metrics,
         health: &health,
     };
+    metrics.init_known_series(
+        &executors
+            .iter()
+            .map(|e| (e.name(), e.subscription()))
+            .collect::<Vec<_>>(),
+        &config
+            .handlers
+            .iter()
+            .map(|(kind, h)| (kind.as_str(), h.executor.as_str()))
+            .collect::<Vec<_>>(),
+    );
     for executor in executors {
         running.start(executor, &shared);
     }
