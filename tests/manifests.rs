@@ -25,17 +25,23 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn need(tool: &str, install: &str) {
+/// Asserts `tool` is on PATH. `./scripts/test` installs the tools and puts
+/// its Python venv (kubernetes-validate) first on PATH.
+fn need(tool: &str) {
     let ok = Command::new("sh")
         .args(["-c", &format!("command -v {tool}")])
         .output()
         .is_ok_and(|o| o.status.success());
-    assert!(ok, "{tool} is not installed: {install} (.ci/run does this)");
+    assert!(
+        ok,
+        "{tool} is not on PATH: run the tests with ./scripts/test, which installs it \
+         (./scripts/test --test manifests runs only this file)"
+    );
 }
 
 /// `kubectl kustomize DIR` as parsed documents.
 fn render(dir: &str) -> Vec<Value> {
-    need("kubectl", "install kubectl");
+    need("kubectl");
     let out = Command::new("kubectl")
         .arg("kustomize")
         .arg(root().join("manifests").join(dir))
@@ -65,7 +71,7 @@ fn one<'a>(docs: &'a [Value], k: &str) -> &'a Value {
 
 /// Runs kubernetes-validate --strict on documents; returns its output.
 fn validate(docs: &[&Value], dir: &Path, name: &str) -> (bool, String) {
-    need("kubernetes-validate", "pip install kubernetes-validate");
+    need("kubernetes-validate");
     let path = dir.join(format!("{name}.yaml"));
     let text: Vec<String> = docs
         .iter()

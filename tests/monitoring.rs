@@ -2,8 +2,8 @@
 //! a real scrape and on the rules, and a real Prometheus scraping a worker
 //! that runs tasks, evaluating every query of the Grafana dashboard.
 //!
-//! Needs Debian's `prometheus` package (promtool, prometheus); `.ci/run`
-//! installs it.
+//! Needs Debian's `prometheus` package (promtool, prometheus);
+//! `./scripts/test` installs it.
 
 mod support;
 
@@ -25,7 +25,8 @@ fn tool(name: &str) -> Command {
         .is_ok_and(|o| o.status.success());
     assert!(
         found,
-        "{name} is not installed: `apt-get install prometheus` (.ci/run does this)"
+        "{name} is not on PATH: run the tests with ./scripts/test, which installs \
+         Debian's prometheus package (./scripts/test --test monitoring runs only this file)"
     );
     Command::new(name)
 }
