@@ -106,7 +106,10 @@ fn distribution(image: &str) -> (&'static str, &'static str) {
 fn every_stage_of_an_image_builds_on_the_same_distribution_release() {
     for dockerfile in ["Dockerfile", "Dockerfile.gpu"] {
         let stages = stages(dockerfile);
-        assert!(stages.len() >= 2, "{dockerfile}: a build and a runtime stage");
+        assert!(
+            stages.len() >= 2,
+            "{dockerfile}: a build and a runtime stage"
+        );
         let runtime = distribution(&stages.last().unwrap().image);
         for stage in &stages {
             assert_eq!(
@@ -145,7 +148,8 @@ fn the_gpu_image_is_a_cuda_base_image_that_keeps_its_paths() {
                         .find(|w| w.starts_with(&format!("{var}=")));
                     if let (true, Some(set)) = (keyword == "ENV", set) {
                         assert!(
-                            set.contains(&format!("${var}")) || set.contains(&format!("${{{var}}}")),
+                            set.contains(&format!("${var}"))
+                                || set.contains(&format!("${{{var}}}")),
                             "{dockerfile}: {set} drops the image's own {var}"
                         );
                     }
@@ -184,9 +188,9 @@ fn the_default_command_names_configuration_that_is_in_the_image() {
             let Some(path) = arg.strip_prefix("--config=") else {
                 continue;
             };
-            let source = copies
-                .get(path)
-                .unwrap_or_else(|| panic!("{dockerfile}: CMD names {path}, which no COPY puts there"));
+            let source = copies.get(path).unwrap_or_else(|| {
+                panic!("{dockerfile}: CMD names {path}, which no COPY puts there")
+            });
             let local = root().join(source);
             assert!(local.is_file(), "{dockerfile}: {source} does not exist");
             files.push(local);

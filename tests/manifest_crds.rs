@@ -37,7 +37,10 @@ const TYPO_SITES: &[(&str, &[&str])] = &[
     ("TriggerAuthentication", &["/spec", "/spec/podIdentity"]),
     ("PodMonitoring", &["/spec", "/spec/endpoints/0"]),
     ("ServiceMonitor", &["/spec", "/spec/endpoints/0"]),
-    ("Rules", &["/spec", "/spec/groups/0", "/spec/groups/0/rules/0"]),
+    (
+        "Rules",
+        &["/spec", "/spec/groups/0", "/spec/groups/0/rules/0"],
+    ),
     (
         "GlobalRules",
         &["/spec", "/spec/groups/0", "/spec/groups/0/rules/0"],
@@ -183,6 +186,8 @@ fn a_custom_resource_of_a_kind_without_a_crd_fails() {
     assert!(!ok);
     assert_eq!(
         lines,
-        ["invalid ClusterTriggerAuthentication/nobody: no CRD here defines keda.sh/v1alpha1 ClusterTriggerAuthentication"]
+        [
+            "invalid ClusterTriggerAuthentication/nobody: no CRD here defines keda.sh/v1alpha1 ClusterTriggerAuthentication"
+        ]
     );
 }

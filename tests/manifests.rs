@@ -4,7 +4,7 @@
 //! worker's configuration (ports, probes, config, grace periods,
 //! subscriptions, autoscalers, Config Connector's Pub/Sub resources).
 //! Custom resources: tests/manifest_crds.rs; cross-cutting facts:
-//! tests/manifest_facts.rs.
+//! tests/manifest_facts.rs and tests/manifest_sizing.rs.
 
 mod kustomize;
 

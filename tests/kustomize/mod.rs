@@ -113,7 +113,10 @@ impl Rendered {
         let mut text = std::fs::read_to_string(&env).unwrap();
         for (key, value) in settings {
             let old = read_env(&env);
-            let line = format!("{key}={}", old.get(*key).unwrap_or_else(|| panic!("{key}?")));
+            let line = format!(
+                "{key}={}",
+                old.get(*key).unwrap_or_else(|| panic!("{key}?"))
+            );
             assert!(text.contains(&line), "{line}");
             text = text.replace(&line, &format!("{key}={value}"));
         }
