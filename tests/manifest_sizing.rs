@@ -1,7 +1,8 @@
 //! The node pools the README's walk-through creates start empty, grow to a
 //! total (not per-zone) maximum, put GPUs only where the accelerator exists,
 //! and the pools' pod requests fit their machine types: several CPU pods a
-//! node, one GPU pod per GPU, computed with GKE's documented reservations.
+//! node, one GPU pod per GPU, computed with GKE's documented reservations;
+//! the autoscalers' maximum fits the pools' maximum.
 
 mod kustomize;
 
@@ -173,6 +174,20 @@ fn node_pools_start_empty_and_requests_fit_their_machines() {
         if let Some(limit) = resources["limits"]["memory"].as_str() {
             assert!(quantity(&Value::from(limit)) >= quantity(&req["memory"]));
         }
+        // The autoscaler never asks for more pods than the pool's nodes hold.
+        let max_nodes: u64 = pool.flag("--total-max-nodes").unwrap().parse().unwrap();
+        let max_pods = docs
+            .iter()
+            .find_map(|d| match d["kind"].as_str().unwrap() {
+                "HorizontalPodAutoscaler" => d["spec"]["maxReplicas"].as_u64(),
+                "ScaledObject" | "ScaledJob" => d["spec"]["maxReplicaCount"].as_u64(),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("{overlay}: no autoscaler maximum"));
+        assert!(
+            max_pods <= fits * max_nodes,
+            "{overlay}: up to {max_pods} pods, but {node_pool} holds {fits} x {max_nodes}"
+        );
         checked += 1;
     }
     assert_eq!(checked, OVERLAYS.len());
