@@ -1,83 +1,31 @@
-//! The GKE manifests: every overlay renders with `kubectl kustomize`, the
-//! built-in kinds pass strict schema validation (`kubernetes-validate`),
-//! custom resources carry the fields we rely on, and the pieces agree with
-//! each other (ports, probes, config, grace periods, subscriptions).
+//! The GKE manifests: every kustomization a user applies renders with
+//! `kubectl kustomize`, the built-in kinds pass strict schema validation
+//! (`kubernetes-validate`), and the pieces agree with each other and with the
+//! worker's configuration (ports, probes, config, grace periods,
+//! subscriptions, autoscalers, Config Connector's Pub/Sub resources).
+//! Custom resources: `tests/manifest_crds.rs`; cross-cutting facts:
+//! `tests/manifest_facts.rs` and `tests/manifest_sizing.rs`.
+
+mod kustomize;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use kustomize::*;
 use leasehold::config::{Config, Devices, Environment};
 use serde::Deserialize;
-use serde_json::Value;
-
-const OVERLAYS: &[&str] = &[
-    "cpu",
-    "gpu",
-    "cpu-keda",
-    "gpu-keda",
-    "cpu-prometheus-operator",
-];
-const BUILTIN: &[&str] = &["v1", "apps/v1", "policy/v1", "autoscaling/v2"];
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// Asserts `tool` is on PATH. `./scripts/test` installs the tools and puts
-/// its Python venv (kubernetes-validate) first on PATH.
-fn need(tool: &str) {
-    let ok = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        ok,
-        "{tool} is not on PATH: run the tests with ./scripts/test, which installs it \
-         (./scripts/test --test manifests runs only this file)"
-    );
-}
-
-/// `kubectl kustomize DIR` as parsed documents.
-fn render(dir: &str) -> Vec<Value> {
-    need("kubectl");
-    let out = Command::new("kubectl")
-        .arg("kustomize")
-        .arg(root().join("manifests").join(dir))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "kubectl kustomize {dir}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
-    serde_yaml_ng::Deserializer::from_str(&text)
-        .map(|d| Value::deserialize(d).unwrap())
-        .filter(|v| !v.is_null())
-        .collect()
-}
-
-fn kind<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {
-    docs.iter().filter(|d| d["kind"] == kind).collect()
-}
-
-fn one<'a>(docs: &'a [Value], k: &str) -> &'a Value {
-    let found = kind(docs, k);
-    assert_eq!(found.len(), 1, "exactly one {k}");
-    found[0]
-}
+use serde_json::{Value, json};
 
 /// Runs kubernetes-validate --strict on documents; returns its output.
-fn validate(docs: &[&Value], dir: &Path, name: &str) -> (bool, String) {
-    need("kubernetes-validate");
-    let path = dir.join(format!("{name}.yaml"));
-    let text: Vec<String> = docs
-        .iter()
-        .map(|d| serde_yaml_ng::to_string(d).unwrap())
-        .collect();
-    std::fs::write(&path, text.join("---\n")).unwrap();
+fn validate(docs: &[&Value], dir: &Path, file: &str) -> (bool, String) {
+    need(
+        "kubernetes-validate",
+        "pip install -r scripts/test-requirements.txt",
+    );
+    let path = dir.join(format!("{file}.yaml"));
+    write_yaml(&path, docs);
     let out = Command::new("kubernetes-validate")
         .args(["--strict", "-k", "1.30.0"])
         .arg(&path)
@@ -91,42 +39,36 @@ fn validate(docs: &[&Value], dir: &Path, name: &str) -> (bool, String) {
     (out.status.success(), text)
 }
 
+/// A `ScaledJob`'s Job, as KEDA will create it: validated as a batch/v1 Job.
+fn job_of(scaled_job: &Value) -> Value {
+    json!({
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name(scaled_job), "namespace": scaled_job["metadata"]["namespace"]},
+        "spec": scaled_job["spec"]["jobTargetRef"],
+    })
+}
+
 #[test]
-fn every_overlay_renders_and_built_in_kinds_pass_strict_validation() {
+fn every_kustomization_renders_and_built_in_kinds_pass_strict_validation() {
     let dir = tempfile::tempdir().unwrap();
-    for overlay in OVERLAYS {
-        let docs = render(&format!("overlays/{overlay}"));
-        let builtin: Vec<&Value> = docs
-            .iter()
-            .filter(|d| BUILTIN.contains(&d["apiVersion"].as_str().unwrap()))
-            .collect();
-        assert!(builtin.len() >= 5, "{overlay}: {builtin:?}");
-        let (ok, text) = validate(&builtin, dir.path(), overlay);
-        assert!(ok, "{overlay}:\n{text}");
+    for applied in APPLIED {
+        let docs = render(applied);
+        assert!(!docs.is_empty(), "{applied} renders nothing");
+        let jobs: Vec<Value> = kind(&docs, "ScaledJob").into_iter().map(job_of).collect();
+        let builtin: Vec<&Value> = docs.iter().filter(|d| is_builtin(d)).chain(&jobs).collect();
+        if builtin.is_empty() {
+            continue;
+        }
+        let (ok, text) = validate(&builtin, dir.path(), &applied.replace('/', "-"));
+        assert!(ok, "{applied}:\n{text}");
         for d in &builtin {
             let line = format!(
                 "passed for resource {}/{}",
                 d["kind"].as_str().unwrap().to_lowercase(),
-                d["metadata"]["name"].as_str().unwrap()
+                name(d)
             );
-            assert!(text.contains(&line), "{overlay}: {line} missing in\n{text}");
-        }
-        // Everything else is a custom resource we know.
-        for d in docs
-            .iter()
-            .filter(|d| !BUILTIN.contains(&d["apiVersion"].as_str().unwrap()))
-        {
-            let api = d["apiVersion"].as_str().unwrap();
-            assert!(
-                [
-                    "monitoring.googleapis.com/v1",
-                    "monitoring.coreos.com/v1",
-                    "keda.sh/v1alpha1"
-                ]
-                .contains(&api),
-                "{overlay}: unexpected {api} {}",
-                d["kind"]
-            );
+            assert!(text.contains(&line), "{applied}: {line} missing in\n{text}");
         }
     }
 }
@@ -140,15 +82,19 @@ fn the_validator_rejects_what_it_should() {
         Value::String("Always".into());
     let (ok, text) = validate(&[&*deployment], dir.path(), "broken");
     assert!(!ok, "a misspelt field must fail strict validation:\n{text}");
+    // And in the Job a ScaledJob makes.
+    let mut job = job_of(one(&render("overlays/gpu-job"), "ScaledJob"));
+    job["spec"]["template"]["spec"]["restartPolicyy"] = Value::String("Never".into());
+    let (ok, text) = validate(&[&job], dir.path(), "broken-job");
+    assert!(!ok, "a misspelt field must fail strict validation:\n{text}");
 }
 
-/// The worker configuration the pods of an overlay load: base then pool file.
+/// The worker configuration a pool's pods load: base then pool file, with
+/// the pod's `GOOGLE_CLOUD_PROJECT`.
 fn pod_config(docs: &[Value]) -> (Config, Vec<PathBuf>, tempfile::TempDir) {
-    let deployment = one(docs, "Deployment");
-    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
-    let volumes = deployment["spec"]["template"]["spec"]["volumes"]
-        .as_array()
-        .unwrap();
+    let template = pod_template(docs);
+    let container = worker(template);
+    let volumes = template["spec"]["volumes"].as_array().unwrap();
     let mounts = container["volumeMounts"].as_array().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut files = Vec::new();
@@ -164,7 +110,7 @@ fn pod_config(docs: &[Value]) -> (Config, Vec<PathBuf>, tempfile::TempDir) {
         let cm_name = volume["configMap"]["name"].as_str().unwrap();
         let cm = kind(docs, "ConfigMap")
             .into_iter()
-            .find(|c| c["metadata"]["name"] == cm_name)
+            .find(|c| name(c) == cm_name)
             .unwrap_or_else(|| panic!("ConfigMap {cm_name} is not rendered"));
         let file = Path::new(path).file_name().unwrap().to_str().unwrap();
         let text = cm["data"][file]
@@ -175,21 +121,35 @@ fn pod_config(docs: &[Value]) -> (Config, Vec<PathBuf>, tempfile::TempDir) {
         files.push(local);
     }
     assert_eq!(files.len(), 2, "base and pool config");
-    let config = Config::load(&files, &Environment::default()).unwrap();
+    let project = env_value(container, "GOOGLE_CLOUD_PROJECT");
+    let env = Environment::from_pairs([("GOOGLE_CLOUD_PROJECT", project)]);
+    let config = Config::load(&files, &env).unwrap();
     (config, files, dir)
+}
+
+/// A plain `value` of the container's environment.
+fn env_value(container: &Value, key: &str) -> String {
+    container["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == key)
+        .and_then(|e| e["value"].as_str())
+        .unwrap_or_else(|| panic!("{key} is not set"))
+        .to_string()
 }
 
 fn secs(v: &Value) -> u64 {
     v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
 }
 
-// One pass over every overlay, checking each fact in turn.
-#[allow(clippy::too_many_lines)]
 #[test]
 fn overlays_agree_with_their_config() {
+    let settings = shipped_settings();
     for overlay in OVERLAYS {
-        let docs = render(&format!("overlays/{overlay}"));
+        let docs = render(overlay);
         let (config, files, _dir) = pod_config(&docs);
+        assert_eq!(config.pubsub.project, settings["PROJECT_ID"], "{overlay}");
 
         // The ConfigMap's config passes `leasehold check-config` (with the
         // GPU the device plugin would give the pod).
@@ -201,6 +161,7 @@ fn overlays_agree_with_their_config() {
                     .flat_map(|f| ["--config".into(), f.display().to_string()]),
             )
             .env("NVIDIA_VISIBLE_DEVICES", "0")
+            .env("GOOGLE_CLOUD_PROJECT", &config.pubsub.project)
             .output()
             .unwrap();
         assert!(
@@ -209,9 +170,9 @@ fn overlays_agree_with_their_config() {
             String::from_utf8_lossy(&out.stderr)
         );
 
-        let deployment = one(&docs, "Deployment");
-        let pod = &deployment["spec"]["template"]["spec"];
-        let container = &pod["containers"][0];
+        let template = pod_template(&docs);
+        let pod = &template["spec"];
+        let container = worker(template);
         // Port and probes.
         let port = &container["ports"][0];
         assert_eq!(
@@ -225,30 +186,24 @@ fn overlays_agree_with_their_config() {
         assert_eq!(container["livenessProbe"]["httpGet"]["port"], port_name);
         assert_eq!(container["readinessProbe"]["httpGet"]["port"], port_name);
         // The grace period covers the whole shutdown sequence with margin:
-        // grace + kill_grace + the last Pull (5 s) + 5 s to flush.
+        // grace + kill_grace + the last Pull (5 s) + 5 s to flush, and stays
+        // within the 10 minutes GKE's cluster autoscaler waits.
         let needed = config.shutdown.grace + config.shutdown.kill_grace + Duration::from_secs(10);
+        let grace = secs(&pod["terminationGracePeriodSeconds"]);
         assert!(
-            secs(&pod["terminationGracePeriodSeconds"]) >= needed.as_secs(),
-            "{overlay}: terminationGracePeriodSeconds below {needed:?}"
+            grace >= needed.as_secs() && grace <= 600,
+            "{overlay}: terminationGracePeriodSeconds {grace} not in {needed:?}..600 s"
         );
-        // Non-root, read-only root filesystem, no added capabilities, scratch space.
+        // Non-root, read-only root filesystem, no added capabilities.
         assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
         let sc = &container["securityContext"];
         assert_eq!(sc["readOnlyRootFilesystem"], true);
         assert_eq!(sc["allowPrivilegeEscalation"], false);
-        assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]));
+        assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]));
         assert!(sc["capabilities"]["add"].is_null());
-        assert!(
-            pod["volumes"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|v| !v["emptyDir"].is_null())
-        );
-        assert!(!container["resources"]["requests"]["cpu"].is_null());
         assert_eq!(
-            pod["serviceAccountName"],
-            one(&docs, "ServiceAccount")["metadata"]["name"]
+            pod["serviceAccountName"].as_str().unwrap(),
+            name(one(&docs, "ServiceAccount"))
         );
 
         // The autoscaler watches this pool's subscription, and one pod's worth is its slots.
@@ -262,9 +217,6 @@ fn overlays_agree_with_their_config() {
                 let gpus = container["resources"]["limits"]["nvidia.com/gpu"]
                     .as_u64()
                     .unwrap();
-                if let Devices::List(list) = devices {
-                    assert_eq!(list.len() as u64, gpus, "{overlay}: devices vs GPU limit");
-                }
                 assert_eq!(devices, &Devices::Auto, "{overlay}: GKE uses auto");
                 let tol = pod["tolerations"].as_array().unwrap();
                 assert!(
@@ -275,58 +227,11 @@ fn overlays_agree_with_their_config() {
                 gpus
             }
         };
-        let hpas = kind(&docs, "HorizontalPodAutoscaler");
-        let scaled = kind(&docs, "ScaledObject");
-        assert_eq!(
-            hpas.len() + scaled.len(),
-            1,
-            "{overlay}: exactly one autoscaler"
-        );
-        if let Some(hpa) = hpas.first() {
-            let ext = &hpa["spec"]["metrics"][0]["external"];
-            assert_eq!(
-                ext["metric"]["name"],
-                "pubsub.googleapis.com|subscription|num_undelivered_messages"
-            );
-            assert_eq!(
-                ext["metric"]["selector"]["matchLabels"]["resource.labels.subscription_id"],
-                subscription,
-                "{overlay}"
-            );
-            assert_eq!(
-                ext["target"]["averageValue"],
-                per_pod.to_string(),
-                "{overlay}"
-            );
-            assert_eq!(
-                hpa["spec"]["scaleTargetRef"]["name"],
-                deployment["metadata"]["name"]
-            );
-            assert!(
-                secs(&hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"]) >= 300
-            );
-        }
-        if let Some(so) = scaled.first() {
-            let trigger = &so["spec"]["triggers"][0];
-            assert_eq!(trigger["type"], "gcp-pubsub");
-            assert_eq!(
-                trigger["metadata"]["subscriptionName"], subscription,
-                "{overlay}"
-            );
-            assert_eq!(trigger["metadata"]["value"], per_pod.to_string());
-            assert_eq!(
-                so["spec"]["scaleTargetRef"]["name"],
-                deployment["metadata"]["name"]
-            );
-            let auth = trigger["authenticationRef"]["name"].as_str().unwrap();
-            assert!(
-                kind(&docs, "TriggerAuthentication")
-                    .iter()
-                    .any(|t| t["metadata"]["name"] == auth)
-            );
-        }
+        assert!(per_pod > 0, "{overlay}: slots must be explicit");
+        check_autoscaler(overlay, &docs, subscription, per_pod, &settings);
+
         // Monitoring scrapes the metrics port of exactly these pods.
-        let labels = &pod_labels(deployment);
+        let labels = template["metadata"]["labels"].as_object().unwrap();
         if let Some(pm) = kind(&docs, "PodMonitoring").first() {
             assert_eq!(pm["spec"]["endpoints"][0]["port"], port_name);
             assert_eq!(pm["spec"]["endpoints"][0]["path"], "/metrics");
@@ -341,23 +246,88 @@ fn overlays_agree_with_their_config() {
             );
             assert_selects(
                 &sm["spec"]["selector"]["matchLabels"],
-                &svc["metadata"]["labels"].as_object().unwrap().clone(),
+                svc["metadata"]["labels"].as_object().unwrap(),
                 overlay,
             );
         }
-        assert_selects(
-            &one(&docs, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"],
-            labels,
-            overlay,
-        );
+        if let Some(pdb) = kind(&docs, "PodDisruptionBudget").first() {
+            assert_selects(&pdb["spec"]["selector"]["matchLabels"], labels, overlay);
+        }
     }
 }
 
-fn pod_labels(deployment: &Value) -> serde_json::Map<String, Value> {
-    deployment["spec"]["template"]["metadata"]["labels"]
-        .as_object()
-        .unwrap()
-        .clone()
+/// Exactly one autoscaler, on this pool's subscription, `per_pod` messages a pod.
+fn check_autoscaler(
+    overlay: &str,
+    docs: &[Value],
+    subscription: &str,
+    per_pod: u64,
+    settings: &BTreeMap<String, String>,
+) {
+    let hpas = kind(docs, "HorizontalPodAutoscaler");
+    let keda: Vec<&Value> = docs
+        .iter()
+        .filter(|d| d["kind"] == "ScaledObject" || d["kind"] == "ScaledJob")
+        .collect();
+    assert_eq!(
+        hpas.len() + keda.len(),
+        1,
+        "{overlay}: exactly one autoscaler"
+    );
+    if let Some(hpa) = hpas.first() {
+        let ext = &hpa["spec"]["metrics"][0]["external"];
+        assert_eq!(
+            ext["metric"]["name"],
+            "pubsub.googleapis.com|subscription|num_undelivered_messages"
+        );
+        assert_eq!(
+            ext["metric"]["selector"]["matchLabels"]["resource.labels.subscription_id"],
+            subscription,
+            "{overlay}"
+        );
+        assert_eq!(ext["target"]["averageValue"], per_pod.to_string());
+        assert_eq!(
+            hpa["spec"]["scaleTargetRef"]["name"],
+            name(one(docs, "Deployment"))
+        );
+        assert!(secs(&hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"]) >= 300);
+    }
+    if let Some(scaler) = keda.first() {
+        if scaler["kind"] == "ScaledObject" {
+            assert_eq!(
+                scaler["spec"]["scaleTargetRef"]["name"],
+                name(one(docs, "Deployment"))
+            );
+        }
+        let triggers = scaler["spec"]["triggers"].as_array().unwrap();
+        assert_eq!(triggers.len(), 1, "{overlay}");
+        let trigger = &triggers[0];
+        // KEDA's gcp-pubsub scaler is deprecated: the prometheus scaler on
+        // Cloud Monitoring's PromQL endpoint replaces it.
+        assert_eq!(trigger["type"], "prometheus", "{overlay}");
+        let meta = &trigger["metadata"];
+        assert_eq!(
+            meta["serverAddress"],
+            format!(
+                "https://monitoring.googleapis.com/v1/projects/{}/location/global/prometheus",
+                settings["PROJECT_ID"]
+            )
+        );
+        let query = meta["query"].as_str().unwrap();
+        for part in [
+            "pubsub_googleapis_com:subscription_num_undelivered_messages{",
+            &format!("subscription_id=\"{subscription}\""),
+        ] {
+            assert!(query.contains(part), "{overlay}: {query} lacks {part}");
+        }
+        assert_eq!(meta["threshold"], per_pod.to_string(), "{overlay}");
+        let auth = trigger["authenticationRef"]["name"].as_str().unwrap();
+        let ta = kind(docs, "TriggerAuthentication")
+            .into_iter()
+            .find(|t| name(t) == auth)
+            .unwrap_or_else(|| panic!("{overlay}: TriggerAuthentication {auth}"));
+        assert_eq!(ta["spec"]["podIdentity"]["provider"], "gcp");
+    }
 }
 
 fn assert_selects(selector: &Value, labels: &serde_json::Map<String, Value>, overlay: &str) {
@@ -380,62 +350,79 @@ fn assert_selects(selector: &Value, labels: &serde_json::Map<String, Value>, ove
 fn the_rules_in_the_cluster_are_the_tested_rules() {
     #[derive(Deserialize)]
     struct File {
-        groups: Value,
+        groups: Vec<Value>,
     }
     let tested: File = serde_yaml_ng::from_str(
         &std::fs::read_to_string(root().join("manifests/monitoring/rules.yml")).unwrap(),
     )
     .unwrap();
-    for overlay in ["cpu", "cpu-prometheus-operator"] {
-        let docs = render(&format!("overlays/{overlay}"));
-        let rules = docs
+    let group = |n: &str| {
+        tested
+            .groups
             .iter()
-            .find(|d| d["kind"] == "Rules" || d["kind"] == "PrometheusRule")
-            .unwrap();
-        assert_eq!(rules["spec"]["groups"], tested.groups, "{overlay}");
-    }
+            .find(|g| g["name"] == n)
+            .unwrap_or_else(|| panic!("group {n} in rules.yml"))
+            .clone()
+    };
+    let gmp = render("monitoring/gmp");
+    assert_eq!(
+        one(&gmp, "Rules")["spec"]["groups"],
+        json!([group("leasehold")])
+    );
+    assert_eq!(
+        one(&gmp, "GlobalRules")["spec"]["groups"],
+        json!([group("leasehold-cloud")])
+    );
+    assert_eq!(gmp.len(), 2, "monitoring/gmp: {gmp:#?}");
+    let operator = render("monitoring/prometheus-operator");
+    assert_eq!(
+        one(&operator, "PrometheusRule")["spec"]["groups"],
+        json!([group("leasehold")])
+    );
+    assert_eq!(
+        tested.groups.len(),
+        2,
+        "every group of rules.yml ships somewhere"
+    );
 }
 
 /// Config Connector's Pub/Sub resources match what `leasehold setup` makes
-/// for the overlays' configuration.
+/// for the overlays' configuration, and the workers may use them.
 #[test]
 fn config_connector_resources_match_setup() {
-    let docs = render("pubsub");
-    let mut configs = Vec::new();
-    for overlay in ["cpu", "gpu"] {
-        configs.push(pod_config(&render(&format!("overlays/{overlay}"))));
-    }
-    let topics: Vec<&str> = kind(&docs, "PubSubTopic")
-        .iter()
-        .map(|t| t["metadata"]["name"].as_str().unwrap())
-        .collect();
+    let docs = render("gcp");
+    let topics: Vec<&str> = kind(&docs, "PubSubTopic").into_iter().map(name).collect();
     let subs: BTreeMap<&str, &Value> = kind(&docs, "PubSubSubscription")
         .into_iter()
-        .map(|s| (s["metadata"]["name"].as_str().unwrap(), s))
+        .map(|s| (name(s), s))
         .collect();
     let members = kind(&docs, "IAMPolicyMember");
-    let sa_annotation = one(&render("overlays/cpu"), "ServiceAccount")["metadata"]["annotations"]
-        ["iam.gke.io/gcp-service-account"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let worker = format!("serviceAccount:{sa_annotation}");
-    let granted = |role: &str, kind: &str, name: &str| {
-        members.iter().any(|m| {
-            m["spec"]["member"] == worker.as_str()
-                && m["spec"]["role"] == role
-                && m["spec"]["resourceRef"]["kind"] == kind
-                && m["spec"]["resourceRef"]["name"] == name
-        })
-    };
-    for (config, _, _) in &configs {
+    for pool in ["overlays/cpu", "overlays/gpu"] {
+        let pool_docs = render(pool);
+        let (config, _, _dir) = pod_config(&pool_docs);
+        let sa = one(&pool_docs, "ServiceAccount");
+        let principal = format!(
+            "principal://iam.googleapis.com/projects/{}/locations/global/workloadIdentityPools/{}.svc.id.goog/subject/ns/{}/sa/{}",
+            shipped_settings()["PROJECT_NUMBER"],
+            config.pubsub.project,
+            sa["metadata"]["namespace"].as_str().unwrap(),
+            name(sa)
+        );
+        let granted = |role: &str, kind: &str, target: &str| {
+            members.iter().any(|m| {
+                m["spec"]["member"] == principal.as_str()
+                    && m["spec"]["role"] == role
+                    && m["spec"]["resourceRef"]["kind"] == kind
+                    && m["spec"]["resourceRef"]["name"] == target
+            })
+        };
         let p = &config.pubsub;
         for t in [&p.dead_letter_topic, &p.results_topic] {
             assert!(topics.contains(&t.as_str()), "topic {t}");
             assert!(subs.contains_key(t.as_str()), "kept in subscription {t}");
             assert!(
                 granted("roles/pubsub.publisher", "PubSubTopic", t),
-                "publisher on {t}"
+                "{principal}: publisher on {t}"
             );
         }
         for (_, executor) in config.enabled_executors() {
@@ -460,27 +447,12 @@ fn config_connector_resources_match_setup() {
                 s["spec"]["retryPolicy"].is_null(),
                 "the worker's backoff is the only delay"
             );
-            assert!(
-                granted("roles/pubsub.subscriber", "PubSubSubscription", sub),
-                "subscriber on {sub}"
-            );
+            for role in ["roles/pubsub.subscriber", "roles/pubsub.viewer"] {
+                assert!(
+                    granted(role, "PubSubSubscription", sub),
+                    "{principal}: {role} on {sub}"
+                );
+            }
         }
-    }
-    // Workload Identity for both pools' Kubernetes service accounts.
-    for pool in ["cpu", "gpu"] {
-        let ksa = one(&render(&format!("overlays/{pool}")), "ServiceAccount")["metadata"]["name"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        assert!(
-            members
-                .iter()
-                .any(|m| m["spec"]["role"] == "roles/iam.workloadIdentityUser"
-                    && m["spec"]["member"]
-                        .as_str()
-                        .unwrap()
-                        .ends_with(&format!("[leasehold/{ksa}]"))),
-            "Workload Identity for {ksa}"
-        );
     }
 }
