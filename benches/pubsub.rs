@@ -93,7 +93,12 @@ impl DataPlane for Recording {
         });
         r
     }
-    async fn acknowledge(&self, sub: &str, ids: Vec<String>) -> Result<(), RpcError> {
+    async fn acknowledge(
+        &self,
+        sub: &str,
+        ids: Vec<String>,
+        timeout: Duration,
+    ) -> Result<(), RpcError> {
         let bytes = googleapis_tonic_google_pubsub_v1::google::pubsub::v1::AcknowledgeRequest {
             subscription: sub.to_string(),
             ack_ids: ids.clone(),
@@ -101,7 +106,7 @@ impl DataPlane for Recording {
         .encoded_len();
         let n = ids.len();
         let start = Instant::now();
-        let r = self.inner.acknowledge(sub, ids).await;
+        let r = self.inner.acknowledge(sub, ids, timeout).await;
         self.record(Rpc {
             name: "ack",
             start,
@@ -118,6 +123,7 @@ impl DataPlane for Recording {
         sub: &str,
         ids: Vec<String>,
         seconds: i32,
+        timeout: Duration,
     ) -> Result<(), RpcError> {
         let bytes =
             googleapis_tonic_google_pubsub_v1::google::pubsub::v1::ModifyAckDeadlineRequest {
@@ -128,7 +134,10 @@ impl DataPlane for Recording {
             .encoded_len();
         let n = ids.len();
         let start = Instant::now();
-        let r = self.inner.modify_ack_deadline(sub, ids, seconds).await;
+        let r = self
+            .inner
+            .modify_ack_deadline(sub, ids, seconds, timeout)
+            .await;
         self.record(Rpc {
             name: "modack",
             start,
@@ -323,7 +332,9 @@ async fn ceiling(host: &str, n: usize, per_pull: i32) -> f64 {
                 got.lock().unwrap().1.get_or_insert(now);
                 let ids: Vec<String> = batch.into_iter().map(|m| m.ack_id).collect();
                 let k = ids.len();
-                dp.acknowledge(&sub, ids).await.unwrap();
+                dp.acknowledge(&sub, ids, Duration::from_secs(10))
+                    .await
+                    .unwrap();
                 let mut g = got.lock().unwrap();
                 g.0 += k;
                 g.2 = Some(Instant::now());

@@ -8,8 +8,11 @@
 //! executor class) are dead-lettered at once with the reason: never a loop,
 //! never a silent drop.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
+
+use futures::FutureExt;
 
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -19,8 +22,8 @@ use crate::config::RetryConfig;
 use crate::dead_letter::DeadLetters;
 use crate::disposition::{Disposition, backoff, decide};
 use crate::executor::{Executor, Slot};
-use crate::handler::{Handler, HandlerRegistry, Outcome, Ran, Registered, RunContext};
-use crate::lease::Lease;
+use crate::handler::{Failure, Handler, HandlerRegistry, Outcome, Ran, Registered, RunContext};
+use crate::lease::{Interruption, Lease};
 use crate::metrics::Metrics;
 use crate::pubsub::ReceivedMessage;
 use crate::results::{Place, Results};
@@ -79,6 +82,8 @@ pub struct DispatcherParts {
     pub stop: CancellationToken,
     /// SIGTERM-to-SIGKILL time for handlers.
     pub kill_grace: Duration,
+    /// `lease.max_lease`, for the reason of a task stopped by it.
+    pub max_lease: Duration,
     /// Counters and histograms.
     pub metrics: Metrics,
 }
@@ -117,7 +122,7 @@ impl Dispatcher {
                 Ok(registered) => &registered.handler,
                 Err(e) => return self.refuse(&received, lease, &e.to_string()).await,
             };
-            let ran = self.run(&task, handler, &slot).await;
+            let ran = self.run(&task, handler, &slot, &lease).await;
             let disposition = decide(&ran.outcome, task.attempt, &self.parts.retry);
             self.end(&received, &task, lease, &disposition, &ran.outcome)
                 .await;
@@ -136,8 +141,10 @@ impl Dispatcher {
         .await;
     }
 
-    /// Runs the handler in the slot, with the task's metrics.
-    async fn run(&self, task: &Task, handler: &Handler, slot: &Slot) -> Ran {
+    /// Runs the handler in the slot, with the task's metrics. The handler is
+    /// stopped at shutdown (after the grace period) and when the lease says
+    /// so; a panic is a failure with its message, never a leak.
+    async fn run(&self, task: &Task, handler: &Handler, slot: &Slot, lease: &Lease) -> Ran {
         let metrics = &self.parts.metrics;
         let labels = [task.kind.as_str(), self.executor.name()];
         metrics.tasks_started.with_label_values(&labels).inc();
@@ -148,20 +155,35 @@ impl Dispatcher {
                 .with_label_values(&labels)
                 .observe(wait.max(0.0));
         }
-        let in_progress = metrics
-            .tasks_in_progress
-            .with_label_values(&[self.executor.name()]);
-        in_progress.inc();
+        let _in_progress = InProgress::new(metrics, self.executor.name());
         tracing::info!(device = slot.device(), "task started");
         let start = Instant::now();
         let started_at = time::OffsetDateTime::now_utc();
+        let stop = self.parts.stop.child_token();
         let ctx = RunContext {
             env: slot.env(),
-            stop: self.parts.stop.clone(),
+            stop: stop.clone(),
             kill_grace: self.parts.kill_grace,
         };
-        let outcome = handler.run(task, &ctx).await;
-        in_progress.dec();
+        let lease_says_stop = lease.stop_signal();
+        let run = AssertUnwindSafe(handler.run(task, &ctx)).catch_unwind();
+        tokio::pin!(run);
+        let result = tokio::select! {
+            biased;
+            result = &mut run => result,
+            () = lease_says_stop.cancelled() => {
+                stop.cancel();
+                run.await
+            }
+        };
+        let outcome = match result {
+            Ok(outcome) => outcome,
+            Err(panic) => Outcome::Failed {
+                failure: Failure::Panicked(panic_message(panic.as_ref())),
+                stderr_tail: String::new(),
+            },
+        };
+        let outcome = self.judged_by_lease(outcome, lease);
         let duration = start.elapsed();
         let result = match &outcome {
             Outcome::Succeeded { .. } => "succeeded",
@@ -175,6 +197,34 @@ impl Dispatcher {
             outcome,
             started_at,
             duration,
+        }
+    }
+
+    /// What the run counts as, given its lease: stopped by the lease, it ran
+    /// past `max_lease` or lost its lease; a lost lease is never acked, even
+    /// for a run that succeeded, since another worker may be running it too.
+    fn judged_by_lease(&self, outcome: Outcome, lease: &Lease) -> Outcome {
+        let interrupted = matches!(
+            &outcome,
+            Outcome::Failed {
+                failure: Failure::Interrupted,
+                ..
+            }
+        );
+        let failure = match lease.interruption() {
+            Some(Interruption::Lost) => Failure::LeaseLost,
+            Some(Interruption::PastMaxLease) if interrupted => {
+                Failure::PastMaxLease(self.parts.max_lease)
+            }
+            _ => return outcome,
+        };
+        let stderr_tail = match outcome {
+            Outcome::Failed { stderr_tail, .. } => stderr_tail,
+            Outcome::Succeeded { .. } => String::new(),
+        };
+        Outcome::Failed {
+            failure,
+            stderr_tail,
         }
     }
 
@@ -205,6 +255,12 @@ impl Dispatcher {
                 tracing::warn!("task interrupted by shutdown; releasing it for another worker");
                 lease.release();
             }
+            Disposition::LeaseLost => {
+                tracing::error!(
+                    "the lease was lost; the run was stopped and not acked (another worker may run the task)"
+                );
+                lease.abandon();
+            }
             Disposition::DeadLetter { reason } => {
                 tracing::error!(%reason, "task failed for good; dead-lettering it");
                 let retry_in = backoff(task.attempt, &self.parts.retry);
@@ -230,6 +286,33 @@ impl Dispatcher {
             .results
             .refused(received, self.executor.name(), reason);
     }
+}
+
+/// `tasks_in_progress` up while alive, down when dropped, so the gauge
+/// comes back whatever ends the run (a panic unwinding included).
+struct InProgress(prometheus::IntGauge);
+
+impl InProgress {
+    fn new(metrics: &Metrics, executor: &str) -> InProgress {
+        let gauge = metrics.tasks_in_progress.with_label_values(&[executor]);
+        gauge.inc();
+        InProgress(gauge)
+    }
+}
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// The text of a panic's payload.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_string())
 }
 
 #[cfg(test)]

@@ -23,6 +23,8 @@ pub enum Disposition {
     },
     /// Not this worker's to finish (shutdown): hand it back now.
     Release,
+    /// The lease was lost: send nothing; another worker has the message.
+    LeaseLost,
 }
 
 impl Disposition {
@@ -34,6 +36,7 @@ impl Disposition {
             Disposition::Retry { .. } => "retrying",
             Disposition::DeadLetter { .. } => "dead_lettered",
             Disposition::Release => "released",
+            Disposition::LeaseLost => "lease_lost",
         }
     }
 }
@@ -57,6 +60,10 @@ pub fn decide(outcome: &Outcome, attempt: u32, retry: &RetryConfig) -> Dispositi
             failure: Failure::Interrupted,
             ..
         } => Disposition::Release,
+        Outcome::Failed {
+            failure: Failure::LeaseLost,
+            ..
+        } => Disposition::LeaseLost,
         Outcome::Failed { failure, .. } if failure.is_permanent() => Disposition::DeadLetter {
             reason: failure.to_string(),
         },
@@ -139,6 +146,21 @@ mod tests {
                 },
             ),
             (failed(Failure::Interrupted), 6, Disposition::Release),
+            (failed(Failure::LeaseLost), 6, Disposition::LeaseLost),
+            (
+                failed(Failure::PastMaxLease(Duration::from_secs(60))),
+                2,
+                Disposition::Retry {
+                    after: Duration::from_secs(20),
+                },
+            ),
+            (
+                failed(Failure::Panicked("x".into())),
+                1,
+                Disposition::Retry {
+                    after: Duration::from_secs(10),
+                },
+            ),
         ];
         for (outcome, attempt, want) in cases {
             assert_eq!(

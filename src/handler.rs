@@ -104,6 +104,18 @@ pub enum Failure {
     /// The payload is not what the handler accepts; retrying cannot help.
     #[error("bad task input: {0}")]
     BadInput(String),
+    /// The task ran past `lease.max_lease`; it was stopped and is retried.
+    #[error("the task ran past lease.max_lease ({}) and was stopped", humantime::format_duration(*.0))]
+    PastMaxLease(Duration),
+    /// The lease was lost: another worker may run the task now, so this run
+    /// was stopped and its outcome does not count.
+    #[error(
+        "the lease was lost (its deadline passed unextended, or Pub/Sub refused its ack id); the run was stopped"
+    )]
+    LeaseLost,
+    /// The handler panicked (a bug in the worker); retried like a crash.
+    #[error("the handler panicked: {0}")]
+    Panicked(String),
 }
 
 impl Failure {
@@ -123,7 +135,11 @@ impl Handler {
     /// Builds the handler of one `[handlers.KIND]` table, or names the key
     /// that keeps it from running. Used by validation and by the worker
     /// alike, so an invalid spec never reaches run time.
-    pub fn from_config(kind: &str, h: &HandlerConfig) -> Result<Handler, ConfigError> {
+    pub fn from_config(
+        kind: &str,
+        h: &HandlerConfig,
+        max_lease: Duration,
+    ) -> Result<Handler, ConfigError> {
         let key = |k: &str| format!("handlers.{kind}.{k}");
         if kind.is_empty()
             || !kind
@@ -137,6 +153,18 @@ impl Handler {
         }
         if h.timeout.is_some_and(|t| t.is_zero()) {
             return Err(ConfigError::invalid(key("timeout"), "must be more than 0s"));
+        }
+        if let Some(timeout) = h.timeout
+            && timeout > max_lease
+        {
+            return Err(ConfigError::invalid(
+                key("timeout"),
+                format!(
+                    "{} is longer than lease.max_lease ({}), which stops every task first",
+                    humantime::format_duration(timeout),
+                    humantime::format_duration(max_lease)
+                ),
+            ));
         }
         if let Some(code) = h
             .permanent_exit_codes
@@ -193,7 +221,7 @@ impl HandlerRegistry {
         for (kind, h) in &config.handlers {
             let registered = Registered {
                 executor: h.executor.clone(),
-                handler: Handler::from_config(kind, h)?,
+                handler: Handler::from_config(kind, h, config.lease.max_lease)?,
             };
             handlers.insert(kind.clone(), registered);
         }

@@ -9,6 +9,7 @@
 //! - [`producer`]: publishing tasks (`leasehold publish`, `leasehold dev`).
 //! - [`admin`]: `leasehold setup`, idempotent topic and subscription creation.
 
+mod ack_errors;
 pub mod admin;
 pub mod connection;
 pub mod data_plane;
@@ -16,7 +17,7 @@ pub mod producer;
 pub mod publisher;
 
 pub use connection::{Connection, ConnectionError, Endpoint};
-pub use data_plane::{DataPlane, GrpcDataPlane, RpcError};
+pub use data_plane::{DataPlane, FailedIds, GrpcDataPlane, RpcError};
 pub use publisher::{GooglePublisher, Outgoing, PublishFailed, Publisher};
 
 /// The generated data-plane messages, re-exported for fakes and tests.

@@ -15,7 +15,7 @@ use tokio_util::task::TaskTracker;
 use crate::dispatch::Dispatcher;
 use crate::executor::Executor;
 use crate::health::Activity;
-use crate::lease::LeaseHandle;
+use crate::lease::{Lease, LeaseHandle};
 use crate::metrics::Metrics;
 use crate::pubsub::DataPlane;
 
@@ -109,14 +109,21 @@ impl Puller {
                 .messages_pulled
                 .with_label_values(&[&label])
                 .inc_by(messages.len() as u64);
-            let leases = self
+            let mut leases = self
                 .lease
                 .hold(messages.iter().map(|m| m.ack_id.clone()).collect());
             if self.stop.is_cancelled() {
                 tracing::info!(subscription = %label, messages = messages.len(),
                     "shutting down: releasing messages pulled after the stop");
-                leases.into_iter().for_each(crate::lease::Lease::release);
+                leases.into_iter().for_each(Lease::release);
                 return;
+            }
+            if leases.len() > permits.len() {
+                // Pub/Sub gave more than asked for: never hold what cannot start.
+                let extra = leases.split_off(permits.len());
+                tracing::warn!(subscription = %label, asked = permits.len(), extra = extra.len(),
+                    "Pull returned more messages than asked for; releasing the extra ones at once");
+                extra.into_iter().for_each(Lease::release);
             }
             for ((message, lease), permit) in
                 messages.into_iter().zip(leases).zip(permits.drain(..))

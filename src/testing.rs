@@ -1,7 +1,8 @@
 //! Hand-written fakes shared by the unit tests: a data plane that behaves
-//! like one in-memory subscription, and a publisher that records.
+//! like one in-memory subscription (and misbehaves when told), and a
+//! publisher that records.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -9,7 +10,8 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::pubsub::{
-    DataPlane, Outgoing, PublishFailed, Publisher, PubsubMessage, ReceivedMessage, RpcError,
+    DataPlane, FailedIds, Outgoing, PublishFailed, Publisher, PubsubMessage, ReceivedMessage,
+    RpcError,
 };
 
 /// One recorded data-plane call.
@@ -25,6 +27,25 @@ const LONG_POLL: Duration = Duration::from_secs(5);
 /// The ack deadline a pulled message starts with.
 const ACK_DEADLINE: Duration = Duration::from_secs(10);
 
+/// How the fake misbehaves, when told to.
+#[derive(Debug, Default, Clone)]
+pub struct Misbehaviour {
+    /// `ModifyAckDeadline` and Acknowledge fail with Unavailable.
+    pub failing: bool,
+    /// Pull fails with this code.
+    pub pull_failing: Option<tonic::Code>,
+    /// `ModifyAckDeadline` and Acknowledge never answer.
+    pub hang: bool,
+    /// Extensions (a `ModifyAckDeadline` of more than 0 s) take effect this late.
+    pub slow_extensions: Option<Duration>,
+    /// Ack ids refused for good, as an exactly-once subscription does.
+    pub refused: HashSet<String>,
+    /// Ack ids refused once, transiently.
+    pub refused_once: HashSet<String>,
+    /// Pull returns this many messages more than asked for.
+    pub extra_on_pull: usize,
+}
+
 /// A message someone pulled and has not acked.
 #[derive(Debug)]
 struct Outstanding {
@@ -35,14 +56,12 @@ struct Outstanding {
 /// A data plane that records every call and behaves like one subscription:
 /// pulled messages come back (with `delivery_attempt + 1` and a new ack id)
 /// when their deadline passes, a `ModifyAckDeadline` moves the deadline, an
-/// Acknowledge removes them. It can be told to fail.
+/// Acknowledge removes them. Acks and deadline changes are recorded when they
+/// take effect, so the record is the order the server saw them in.
 #[derive(Debug, Default)]
 pub struct FakeDataPlane {
     calls: Mutex<Vec<(Instant, Call)>>,
-    /// While true, `ModifyAckDeadline` and Acknowledge fail with Unavailable.
-    failing: Mutex<bool>,
-    /// While set, Pull fails with this code.
-    pull_failing: Mutex<Option<tonic::Code>>,
+    misbehaviour: Mutex<Misbehaviour>,
     queue: Mutex<VecDeque<ReceivedMessage>>,
     outstanding: Mutex<HashMap<String, Outstanding>>,
     arrived: Notify,
@@ -74,11 +93,20 @@ impl FakeDataPlane {
     }
 
     pub fn set_failing(&self, failing: bool) {
-        *self.failing.lock().unwrap() = failing;
+        self.misbehave(|m| m.failing = failing);
     }
 
     pub fn set_pull_failing(&self, code: Option<tonic::Code>) {
-        *self.pull_failing.lock().unwrap() = code;
+        self.misbehave(|m| m.pull_failing = code);
+    }
+
+    /// Changes how the fake misbehaves from now on.
+    pub fn misbehave(&self, change: impl FnOnce(&mut Misbehaviour)) {
+        change(&mut self.misbehaviour.lock().unwrap());
+    }
+
+    fn misbehaviour(&self) -> Misbehaviour {
+        self.misbehaviour.lock().unwrap().clone()
     }
 
     /// Publishes a message to the fake subscription.
@@ -96,18 +124,6 @@ impl FakeDataPlane {
     pub fn queued(&self) -> usize {
         self.redeliver_expired();
         self.queue.lock().unwrap().len()
-    }
-
-    fn record(&self, call: Call) -> Result<(), RpcError> {
-        self.calls.lock().unwrap().push((Instant::now(), call));
-        if *self.failing.lock().unwrap() {
-            return Err(RpcError {
-                rpc: "fake",
-                code: tonic::Code::Unavailable,
-                message: "fake outage".into(),
-            });
-        }
-        Ok(())
     }
 
     /// Moves messages whose deadline passed back to the queue, as Pub/Sub
@@ -130,6 +146,81 @@ impl FakeDataPlane {
         }
         outstanding.values().map(|o| o.deadline).min()
     }
+
+    /// Records an ack or deadline change as it takes effect, misbehaving as
+    /// told, and applies it to the ids that were not refused.
+    async fn take_effect(&self, call: Call) -> Result<(), RpcError> {
+        let m = self.misbehaviour();
+        if m.hang {
+            std::future::pending::<()>().await;
+        }
+        if let (Some(late), Call::Modify { seconds, .. }) = (m.slow_extensions, &call)
+            && *seconds > 0
+        {
+            tokio::time::sleep(late).await;
+        }
+        self.calls
+            .lock()
+            .unwrap()
+            .push((Instant::now(), call.clone()));
+        if m.failing {
+            return Err(RpcError::new(
+                "fake",
+                tonic::Code::Unavailable,
+                "fake outage",
+            ));
+        }
+        let (ids, seconds) = match &call {
+            Call::Ack { ids } => (ids, None),
+            Call::Modify { ids, seconds } => (ids, Some(*seconds)),
+            Call::Pull { .. } => unreachable!("pulls are not acks"),
+        };
+        let mut failed = FailedIds::default();
+        for id in ids {
+            if m.refused.contains(id) {
+                failed.permanent.push(id.clone());
+            } else if m.refused_once.contains(id) {
+                failed.transient.push(id.clone());
+                self.misbehave(|m| {
+                    m.refused_once.remove(id);
+                });
+            }
+        }
+        {
+            let mut outstanding = self.outstanding.lock().unwrap();
+            let deadline = seconds
+                .map(|s| Instant::now() + Duration::from_secs(u64::try_from(s).unwrap_or(0)));
+            for id in ids {
+                if failed.permanent.contains(id) || failed.transient.contains(id) {
+                    continue;
+                }
+                match deadline {
+                    None => {
+                        outstanding.remove(id);
+                    }
+                    Some(deadline) => {
+                        if let Some(o) = outstanding.get_mut(id) {
+                            o.deadline = deadline;
+                        }
+                    }
+                }
+            }
+        }
+        // A release (0 s) makes the message pullable now.
+        self.arrived.notify_waiters();
+        if failed == FailedIds::default() {
+            return Ok(());
+        }
+        // As an exactly-once subscription answers: the rest took effect.
+        Err(RpcError {
+            failed_ids: Some(failed),
+            ..RpcError::new(
+                "fake",
+                tonic::Code::InvalidArgument,
+                "some ack ids were refused",
+            )
+        })
+    }
 }
 
 #[async_trait::async_trait]
@@ -139,13 +230,11 @@ impl DataPlane for FakeDataPlane {
             .lock()
             .unwrap()
             .push((Instant::now(), Call::Pull { max_messages }));
-        if let Some(code) = *self.pull_failing.lock().unwrap() {
-            return Err(RpcError {
-                rpc: "Pull",
-                code,
-                message: "fake pull failure".into(),
-            });
+        let m = self.misbehaviour();
+        if let Some(code) = m.pull_failing {
+            return Err(RpcError::new("Pull", code, "fake pull failure"));
         }
+        let n = usize::try_from(max_messages).unwrap_or(0) + m.extra_on_pull;
         let give_up = Instant::now() + LONG_POLL;
         loop {
             let notified = self.arrived.notified();
@@ -155,7 +244,7 @@ impl DataPlane for FakeDataPlane {
             let next_expiry = self.redeliver_expired();
             let taken: Vec<ReceivedMessage> = {
                 let mut queue = self.queue.lock().unwrap();
-                let n = usize::try_from(max_messages).unwrap_or(0).min(queue.len());
+                let n = n.min(queue.len());
                 queue.drain(..n).collect()
             };
             if !taken.is_empty() {
@@ -183,13 +272,8 @@ impl DataPlane for FakeDataPlane {
         }
     }
 
-    async fn acknowledge(&self, _: &str, ids: Vec<String>) -> Result<(), RpcError> {
-        self.record(Call::Ack { ids: ids.clone() })?;
-        let mut outstanding = self.outstanding.lock().unwrap();
-        for id in ids {
-            outstanding.remove(&id);
-        }
-        Ok(())
+    async fn acknowledge(&self, _: &str, ids: Vec<String>, _: Duration) -> Result<(), RpcError> {
+        self.take_effect(Call::Ack { ids }).await
     }
 
     async fn modify_ack_deadline(
@@ -197,22 +281,9 @@ impl DataPlane for FakeDataPlane {
         _: &str,
         ids: Vec<String>,
         seconds: i32,
+        _: Duration,
     ) -> Result<(), RpcError> {
-        self.record(Call::Modify {
-            ids: ids.clone(),
-            seconds,
-        })?;
-        let deadline = Instant::now() + Duration::from_secs(u64::try_from(seconds).unwrap_or(0));
-        let mut outstanding = self.outstanding.lock().unwrap();
-        for id in ids {
-            if let Some(o) = outstanding.get_mut(&id) {
-                o.deadline = deadline;
-            }
-        }
-        drop(outstanding);
-        // A release (0 s) makes the message pullable now.
-        self.arrived.notify_waiters();
-        Ok(())
+        self.take_effect(Call::Modify { ids, seconds }).await
     }
 }
 

@@ -244,6 +244,7 @@ impl Running {
                 retry: config.retry.clone(),
                 stop: self.stop_handlers.clone(),
                 kill_grace: config.shutdown.kill_grace,
+                max_lease: config.lease.max_lease,
                 metrics: (*metrics).clone(),
             },
         );

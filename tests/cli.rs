@@ -214,7 +214,11 @@ async fn publish_sends_kind_task_id_attributes_and_data_to_the_kinds_topic() {
     assert_eq!(m.data, b"{\"seconds\": 1}");
     world
         .data_plane()
-        .acknowledge(&gpu, vec![got[0].ack_id.clone()])
+        .acknowledge(
+            &gpu,
+            vec![got[0].ack_id.clone()],
+            std::time::Duration::from_secs(10),
+        )
         .await
         .unwrap();
 

@@ -104,7 +104,11 @@ async fn unroutable_messages_are_dead_lettered_with_the_reason() {
     }
     world
         .data_plane()
-        .acknowledge(&dead, got.iter().map(|m| m.ack_id.clone()).collect())
+        .acknowledge(
+            &dead,
+            got.iter().map(|m| m.ack_id.clone()).collect(),
+            Duration::from_secs(10),
+        )
         .await
         .unwrap();
     // Nothing ran, nothing is left or looping in the task subscription.

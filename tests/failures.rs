@@ -33,6 +33,7 @@ async fn collect(world: &World, subscription: &str, n: usize) -> Vec<ReceivedMes
                 .acknowledge(
                     subscription,
                     batch.iter().map(|m| m.ack_id.clone()).collect(),
+                    Duration::from_secs(10),
                 )
                 .await
                 .unwrap();

@@ -88,9 +88,13 @@ exit 0"#;
         if batch.is_empty() {
             continue;
         }
-        dp.acknowledge(&results, batch.iter().map(|m| m.ack_id.clone()).collect())
-            .await
-            .unwrap();
+        dp.acknowledge(
+            &results,
+            batch.iter().map(|m| m.ack_id.clone()).collect(),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
         for m in batch {
             let attrs = &m.message.as_ref().unwrap().attributes;
             let outcome = attrs["outcome"].clone();
@@ -144,9 +148,13 @@ exit 0"#;
     while dead_ids.len() < permanent && start.elapsed() < Duration::from_secs(30) {
         let batch = dp.pull(&dead, 1000).await.unwrap();
         if !batch.is_empty() {
-            dp.acknowledge(&dead, batch.iter().map(|m| m.ack_id.clone()).collect())
-                .await
-                .unwrap();
+            dp.acknowledge(
+                &dead,
+                batch.iter().map(|m| m.ack_id.clone()).collect(),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
         }
         for m in batch {
             assert!(

@@ -90,7 +90,12 @@ async fn a_busy_worker_leaves_the_next_message_for_others() {
     // Give it back; the worker runs it once its slot is free.
     world
         .data_plane()
-        .modify_ack_deadline(&sub, vec![got[0].ack_id.clone()], 0)
+        .modify_ack_deadline(
+            &sub,
+            vec![got[0].ack_id.clone()],
+            0,
+            Duration::from_secs(10),
+        )
         .await
         .unwrap();
     eventually(Duration::from_secs(40), "both tasks to end", || {

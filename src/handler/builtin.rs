@@ -24,6 +24,9 @@ pub enum Builtin {
     Sleep,
     /// Fails: retryably, or for good when the data is `{"permanent": true}`.
     Fail,
+    /// Panics: a stand-in for a bug, so tests can show a panic is contained.
+    #[cfg(test)]
+    Panic,
 }
 
 #[derive(serde::Deserialize)]
@@ -44,14 +47,19 @@ impl Builtin {
             Builtin::Noop => Outcome::Succeeded { result: None },
             Builtin::Sleep => {
                 let seconds = match serde_json::from_slice::<SleepInput>(&task.data) {
-                    Ok(input) if input.seconds.is_finite() && input.seconds >= 0.0 => input.seconds,
-                    Ok(_) => return bad_input("seconds must be a finite number >= 0".into()),
+                    Ok(input) => input.seconds,
                     Err(e) => {
                         return bad_input(format!("sleep expects JSON {{\"seconds\": N}}: {e}"));
                     }
                 };
+                // NaN, negative, infinite, or more seconds than a Duration holds.
+                let Ok(duration) = Duration::try_from_secs_f64(seconds) else {
+                    return bad_input(format!(
+                        "seconds must be a number from 0 to about 1.8e19, not {seconds}"
+                    ));
+                };
                 tokio::select! {
-                    () = tokio::time::sleep(Duration::from_secs_f64(seconds)) => Outcome::Succeeded {
+                    () = tokio::time::sleep(duration) => Outcome::Succeeded {
                         result: Some(serde_json::json!({ "slept_seconds": seconds })),
                     },
                     () = ctx.stop.cancelled() => Outcome::Failed {
@@ -75,6 +83,8 @@ impl Builtin {
                     stderr_tail: "the fail builtin always fails".into(),
                 }
             }
+            #[cfg(test)]
+            Builtin::Panic => panic!("the panic builtin panics"),
         }
     }
 }
@@ -152,7 +162,14 @@ mod tests {
 
     #[tokio::test]
     async fn bad_sleep_input_is_a_permanent_failure() {
-        for data in ["", "{}", r#"{"seconds": -1}"#, r#""ten""#] {
+        for data in [
+            "",
+            "{}",
+            r#"{"seconds": -1}"#,
+            r#""ten""#,
+            r#"{"seconds": 1e20}"#,
+            r#"{"seconds": "5"}"#,
+        ] {
             let out = Builtin::Sleep
                 .run(&task(data), &RunContext::default())
                 .await;

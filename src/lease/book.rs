@@ -1,4 +1,13 @@
-//! The lease book of one subscription.
+//! The lease book of one subscription: a pure, synchronous record of the
+//! held messages and their deadlines. No I/O and no clock of its own: every
+//! method takes `now`, so the rules are plain `#[test]`s.
+//!
+//! A lease is *live* while its deadline is ahead; once the deadline passes
+//! without a successful extension, or Pub/Sub refuses its ack id, it is
+//! *lost* for good: never extended again, because another worker may already
+//! hold the message. Past `max_lease` a live lease is flagged once (its task
+//! must stop) but still extended until the task ends it, so the message never
+//! lapses under a run that is being stopped.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -12,25 +21,41 @@ struct Lease {
     received: Instant,
     /// When Pub/Sub will consider it unacknowledged if nothing more is sent.
     expires: Instant,
-    /// When the next extension of it is due (two thirds into its deadline).
+    /// When the next extension of it is due.
     extend_at: Instant,
-    /// Whether the lease was already counted as lost.
+    /// An extension of it has been sent and has not answered yet.
+    in_flight: bool,
+    /// Its deadline passed unextended, or its ack id was refused: terminal.
     lost: bool,
+    /// Already reported as past `max_lease`.
+    over_max: bool,
 }
 
 /// What one extension round must do.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Round {
-    /// Ack ids to extend by `extension`, sorted (the loop cuts them into RPCs).
+    /// Live ack ids to extend by `extension`, sorted.
     pub due: Vec<String>,
-    /// Ack ids dropped from the book because they reached `max_lease`; their
-    /// messages will be redelivered.
-    pub expired: Vec<String>,
+    /// Ids found past their deadline: lost, their tasks must stop.
+    pub lost: Vec<String>,
+    /// Ids that just reached `max_lease`: their tasks must stop (they are
+    /// still in `due`).
+    pub past_max_lease: Vec<String>,
+}
+
+/// A lease taken out of the book by an ack or a deadline change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Removed {
+    /// An extension of it was in flight: a later deadline change must wait
+    /// for its answer, or the extension could land after it and undo it.
+    pub in_flight: bool,
+    /// Its deadline when removed.
+    pub expires: Instant,
 }
 
 /// Every message a subscription's puller holds, and when each must be extended.
 ///
-/// Rounds extend *all* held leases at once, so an extension costs as few
+/// Rounds extend *all* live leases at once, so an extension costs as few
 /// RPCs as the held ids fit in, however the leases arrived.
 #[derive(Debug)]
 pub struct LeaseBook {
@@ -58,7 +83,7 @@ impl LeaseBook {
         }
     }
 
-    /// Records a message received at `now` with the subscription's `ack_deadline`.
+    /// Records a message received at `now` with `ack_deadline` to run.
     pub fn add(&mut self, ack_id: String, now: Instant, ack_deadline: Duration) {
         self.leases.insert(
             ack_id,
@@ -66,17 +91,22 @@ impl LeaseBook {
                 received: now,
                 expires: now + ack_deadline,
                 extend_at: extend_point(now, ack_deadline),
+                in_flight: false,
                 lost: false,
+                over_max: false,
             },
         );
     }
 
-    /// Forgets a lease (acked, nacked or released). True if it was held.
-    pub fn remove(&mut self, ack_id: &str) -> bool {
-        self.leases.remove(ack_id).is_some()
+    /// Forgets a lease (acked, retried, released or abandoned).
+    pub fn remove(&mut self, ack_id: &str) -> Option<Removed> {
+        self.leases.remove(ack_id).map(|l| Removed {
+            in_flight: l.in_flight,
+            expires: l.expires,
+        })
     }
 
-    /// Number of held leases.
+    /// Number of held leases, lost ones included until their task ends them.
     pub fn len(&self) -> usize {
         self.leases.len()
     }
@@ -91,12 +121,21 @@ impl LeaseBook {
         self.leases.contains_key(ack_id)
     }
 
-    /// When the next round is due, or `None` when nothing is held.
-    pub fn next_round(&self) -> Option<Instant> {
-        self.leases.values().map(|l| l.extend_at).min()
+    /// A held lease's deadline.
+    pub fn expires(&self, ack_id: &str) -> Option<Instant> {
+        self.leases.get(ack_id).map(|l| l.expires)
     }
 
-    /// When the next held lease expires (for lost-lease detection).
+    /// When the next round is due, or `None` when nothing live waits for one.
+    pub fn next_round(&self) -> Option<Instant> {
+        self.leases
+            .values()
+            .filter(|l| !l.lost && !l.in_flight)
+            .map(|l| l.extend_at)
+            .min()
+    }
+
+    /// When the next live lease's deadline passes (lost-lease detection).
     pub fn next_expiry(&self) -> Option<Instant> {
         self.leases
             .values()
@@ -105,52 +144,62 @@ impl LeaseBook {
             .min()
     }
 
-    /// Starts a round at `now`: drops leases past `max_lease` and returns the
-    /// rest. Each returned lease is marked as in flight until
-    /// [`extended`](Self::extended) or [`failed`](Self::failed) is called.
+    /// Starts a round at `now`: leases past their deadline are lost, leases
+    /// reaching `max_lease` are flagged, and every live lease not already in
+    /// flight is returned to extend (and marked in flight until
+    /// [`extended`](Self::extended) or [`failed`](Self::failed)).
     pub fn round(&mut self, now: Instant) -> Round {
-        let max_lease = self.max_lease;
-        let mut expired = Vec::new();
-        self.leases.retain(|id, l| {
-            let keep = now < l.received + max_lease;
-            if !keep {
-                expired.push(id.clone());
+        let mut round = Round::default();
+        for (id, l) in &mut self.leases {
+            if l.lost {
+                continue;
             }
-            keep
-        });
-        let mut ids: Vec<String> = self.leases.keys().cloned().collect();
-        ids.sort_unstable();
-        // No new round for these until this one answers.
-        let in_flight = now + self.extension;
-        for l in self.leases.values_mut() {
-            l.extend_at = in_flight;
+            if l.expires <= now {
+                l.lost = true;
+                round.lost.push(id.clone());
+                continue;
+            }
+            if !l.over_max && now >= l.received + self.max_lease {
+                l.over_max = true;
+                round.past_max_lease.push(id.clone());
+            }
+            if !l.in_flight {
+                l.in_flight = true;
+                round.due.push(id.clone());
+            }
         }
-        expired.sort_unstable();
-        Round { due: ids, expired }
+        round.due.sort_unstable();
+        round.lost.sort_unstable();
+        round.past_max_lease.sort_unstable();
+        round
     }
 
-    /// The batch sent at `sent_at` succeeded: its leases now run `extension`
-    /// from then (not from the answer, which would overstate them).
+    /// The extension of `ids` sent at `sent_at` succeeded: their leases now
+    /// run `extension` from then (not from the answer, which would overstate
+    /// them). A lost lease stays lost.
     pub fn extended(&mut self, ids: &[String], sent_at: Instant) {
         self.failures = 0;
         for id in ids {
             if let Some(l) = self.leases.get_mut(id) {
-                l.expires = sent_at + self.extension;
-                l.extend_at = extend_point(sent_at, self.extension);
-                l.lost = false;
+                l.in_flight = false;
+                if !l.lost {
+                    l.expires = sent_at + self.extension;
+                    l.extend_at = extend_point(sent_at, self.extension);
+                }
             }
         }
     }
 
-    /// The batch failed at `now`: try these again after a backoff (1 s
-    /// doubling to 16 s while failures go on), but while a lease is still
-    /// live never later than halfway to its deadline (and not sooner than
-    /// 100 ms), so a retry always comes before it lapses.
+    /// The extension of `ids` failed at `now`: try again after a backoff (1 s
+    /// doubling to 16 s while failures go on), but never later than halfway
+    /// to the deadline (and not sooner than 100 ms), so a retry always comes
+    /// before it lapses.
     pub fn failed(&mut self, ids: &[String], now: Instant) {
         self.failures = self.failures.saturating_add(1);
         let backoff = Duration::from_secs(1 << (self.failures - 1).min(4));
         for id in ids {
             if let Some(l) = self.leases.get_mut(id) {
+                l.in_flight = false;
                 let delay = if l.expires > now {
                     backoff
                         .min((l.expires - now) / 2)
@@ -163,9 +212,24 @@ impl LeaseBook {
         }
     }
 
-    /// Leases whose deadline passed without an extension, each reported once.
-    /// They stay in the book: a later extension or ack may still succeed, but
-    /// Pub/Sub may already have redelivered the message.
+    /// Pub/Sub refused these ids for good (an exactly-once subscription):
+    /// they are lost. Returns the ones not already lost.
+    pub fn refused(&mut self, ids: &[String]) -> Vec<String> {
+        let mut newly = Vec::new();
+        for id in ids {
+            if let Some(l) = self.leases.get_mut(id) {
+                l.in_flight = false;
+                if !l.lost {
+                    l.lost = true;
+                    newly.push(id.clone());
+                }
+            }
+        }
+        newly
+    }
+
+    /// Live leases whose deadline passed without an extension: now lost,
+    /// each reported once. They stay held until their task ends them.
     pub fn take_lost(&mut self, now: Instant) -> Vec<String> {
         let mut lost: Vec<String> = self
             .leases
@@ -182,126 +246,4 @@ impl LeaseBook {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const SEC: Duration = Duration::from_secs(1);
-
-    fn book() -> LeaseBook {
-        LeaseBook::new(60 * SEC, 3600 * SEC)
-    }
-
-    #[test]
-    fn first_round_is_due_two_thirds_into_the_ack_deadline() {
-        let t0 = Instant::now();
-        let mut b = book();
-        assert_eq!(b.next_round(), None);
-        b.add("a".into(), t0, 10 * SEC);
-        b.add("b".into(), t0 + 3 * SEC, 10 * SEC);
-        assert_eq!(b.next_round(), Some(t0 + 10 * SEC * 2 / 3));
-        assert_eq!(b.next_expiry(), Some(t0 + 10 * SEC));
-    }
-
-    #[test]
-    fn a_round_extends_every_lease() {
-        let t0 = Instant::now();
-        let mut b = book();
-        for i in 0..6_000 {
-            b.add(format!("id-{i:05}"), t0, 10 * SEC);
-        }
-        b.add("late".into(), t0 + 5 * SEC, 10 * SEC);
-        let round = b.round(t0 + 7 * SEC);
-        assert_eq!(round.due.len(), 6_001, "the later lease rides along");
-        assert!(round.expired.is_empty());
-        // While the batch is in flight no new round is due.
-        assert_eq!(b.next_round(), Some(t0 + 7 * SEC + 60 * SEC));
-    }
-
-    #[test]
-    fn extended_leases_run_from_the_send_time() {
-        let t0 = Instant::now();
-        let mut b = book();
-        b.add("a".into(), t0, 10 * SEC);
-        let sent = t0 + 7 * SEC;
-        let round = b.round(sent);
-        b.extended(&round.due, sent);
-        assert_eq!(b.next_expiry(), Some(sent + 60 * SEC));
-        assert_eq!(b.next_round(), Some(sent + 40 * SEC));
-    }
-
-    #[test]
-    fn failed_batches_are_retried_soon_and_lost_once_their_deadline_passes() {
-        let t0 = Instant::now();
-        let mut b = book();
-        b.add("a".into(), t0, 10 * SEC);
-        let round = b.round(t0 + 7 * SEC);
-        b.failed(&round.due, t0 + 8 * SEC);
-        assert_eq!(b.next_round(), Some(t0 + 9 * SEC));
-        assert!(b.take_lost(t0 + 9 * SEC).is_empty());
-        assert_eq!(b.take_lost(t0 + 10 * SEC), vec!["a".to_string()]);
-        assert!(b.take_lost(t0 + 11 * SEC).is_empty(), "reported once");
-        assert!(b.contains("a"), "a lost lease is still held");
-        // A later successful extension makes it a live lease again.
-        b.extended(&["a".to_string()], t0 + 12 * SEC);
-        assert_eq!(b.take_lost(t0 + 72 * SEC), vec!["a".to_string()]);
-    }
-
-    #[test]
-    fn retries_back_off_but_come_before_the_deadline() {
-        let t0 = Instant::now();
-        let mut b = LeaseBook::new(60 * SEC, 3600 * SEC);
-        b.add("a".into(), t0, 120 * SEC);
-        let ids = vec!["a".to_string()];
-        // Far from the deadline: 1 s, 2 s, 4 s, 8 s, 16 s, 16 s.
-        let mut now = t0;
-        let mut gaps = Vec::new();
-        for _ in 0..6 {
-            b.failed(&ids, now);
-            let next = b.next_round().unwrap();
-            gaps.push((next - now).as_secs());
-            now = next;
-        }
-        assert_eq!(gaps, vec![1, 2, 4, 8, 16, 16]);
-        // 10 s before the deadline: halfway to it at most.
-        let late = t0 + 110 * SEC;
-        b.failed(&ids, late);
-        assert_eq!(b.next_round(), Some(late + 5 * SEC));
-        // Close to the deadline: not sooner than 100 ms.
-        let near = t0 + 120 * SEC - Duration::from_millis(50);
-        b.failed(&ids, near);
-        assert_eq!(b.next_round(), Some(near + Duration::from_millis(100)));
-        // Past it (lost): the plain backoff.
-        let past = t0 + 121 * SEC;
-        b.failed(&ids, past);
-        assert_eq!(b.next_round(), Some(past + 16 * SEC));
-        // A success resets the backoff.
-        b.extended(&ids, past);
-        b.failed(&ids, past + SEC);
-        assert_eq!(b.next_round(), Some(past + 2 * SEC));
-    }
-
-    #[test]
-    fn leases_past_max_lease_are_dropped_not_extended() {
-        let t0 = Instant::now();
-        let mut b = LeaseBook::new(60 * SEC, 120 * SEC);
-        b.add("old".into(), t0, 10 * SEC);
-        b.add("new".into(), t0 + 100 * SEC, 10 * SEC);
-        let round = b.round(t0 + 121 * SEC);
-        assert_eq!(round.expired, vec!["old".to_string()]);
-        assert_eq!(round.due, vec!["new".to_string()]);
-        assert!(!b.contains("old"));
-    }
-
-    #[test]
-    fn removed_leases_are_not_extended() {
-        let t0 = Instant::now();
-        let mut b = book();
-        b.add("a".into(), t0, 10 * SEC);
-        b.add("b".into(), t0, 10 * SEC);
-        assert!(b.remove("a"));
-        assert!(!b.remove("a"));
-        let round = b.round(t0 + 7 * SEC);
-        assert_eq!(round.due, vec!["b".to_string()]);
-        assert_eq!(b.len(), 1);
-    }
-}
+mod tests;

@@ -1,27 +1,29 @@
 //! The lease loop of one subscription: owns the timers around the pure
-//! [`LeaseBook`], and sends everything that changes a held message's
-//! deadline through the [`DataPlane`]: extension rounds, acks, retries'
-//! backoffs and releases, batched.
+//! [`LeaseBook`], sends everything that changes a held message's deadline
+//! (extension rounds, acks, retries' backoffs, releases) in batches, and
+//! tells a task when its lease is lost or past `max_lease`.
 //!
 //! The puller holds a [`LeaseHandle`] and turns each pulled message into a
 //! [`Lease`]; the task ends its lease, which sends the command here. When
 //! every handle and lease is gone the loop flushes what is pending, waits for
 //! its RPCs, and ends: shutdown by dropping senders, as in mini-redis.
+//!
+//! Order per message: a deadline change (a retry's backoff, a release) is
+//! held back while an extension of the same message is in flight, and sent
+//! when it answers, so an extension that lands late never undoes it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
-use tokio::time::{Instant, sleep, sleep_until};
+use tokio::time::{Instant, sleep_until};
 
-use crate::lease::{Lease, LeaseBook};
+use crate::lease::sender::{Sender, Sent};
+use crate::lease::{Interruption, Lease, LeaseBook, Watch, batch};
 use crate::metrics::Metrics;
 use crate::pubsub::{DataPlane, RpcError};
-
-/// Most ack ids sent in one Acknowledge or `ModifyAckDeadline`.
-pub const MAX_ACK_IDS_PER_RPC: usize = 2_500;
 
 /// Settings of one lease loop.
 #[derive(Debug, Clone)]
@@ -30,13 +32,11 @@ pub struct LeaseLoopOptions {
     pub subscription: String,
     /// Subscription id for metric labels and logs.
     pub label: String,
-    /// The deadline assumed for a freshly pulled message. Kept at or below
-    /// Pub/Sub's 10 s minimum so a subscription created with a shorter
-    /// deadline than configured still never lets a running task's message lapse.
+    /// The deadline assumed for a freshly pulled message (see `worker`).
     pub first_deadline: Duration,
     /// What each extension asks for.
     pub extension: Duration,
-    /// Leases are not extended past this age.
+    /// A task whose lease reaches this age is told to stop.
     pub max_lease: Duration,
     /// How long acks wait to be batched with others.
     pub ack_flush: Duration,
@@ -63,11 +63,13 @@ impl Default for LeaseLoopOptions {
 #[derive(Debug)]
 pub(super) enum Command {
     /// Start leasing these freshly pulled messages.
-    Hold(Vec<String>),
+    Hold(Vec<(String, Arc<Watch>)>),
     /// The task succeeded (or was dead-lettered): acknowledge.
     Ack(String),
     /// Stop leasing and set this deadline: a retry's backoff, or 0 to release.
     Modify(String, u32),
+    /// Stop leasing a lost lease; send nothing.
+    Forget(String),
 }
 
 /// The sender side of one subscription's lease loop: the puller's, to turn
@@ -75,17 +77,23 @@ pub(super) enum Command {
 #[derive(Clone, Debug)]
 pub struct LeaseHandle {
     tx: mpsc::UnboundedSender<Command>,
+    first_deadline: Duration,
 }
 
 impl LeaseHandle {
     /// Starts leasing freshly pulled messages, by ack id; call as soon as
     /// Pull returns them. Each returned lease must be ended by its task.
     pub fn hold(&self, ack_ids: Vec<String>) -> Vec<Lease> {
-        let leases = ack_ids
-            .iter()
-            .map(|id| Lease::new(id.clone(), self.clone()))
+        let expires = Instant::now() + self.first_deadline;
+        let held: Vec<(String, Arc<Watch>)> = ack_ids
+            .into_iter()
+            .map(|id| (id, Watch::new(expires)))
             .collect();
-        self.send(Command::Hold(ack_ids));
+        let leases = held
+            .iter()
+            .map(|(id, watch)| Lease::new(id.clone(), self.clone(), watch.clone()))
+            .collect();
+        self.send(Command::Hold(held));
         leases
     }
 
@@ -107,14 +115,19 @@ enum Done {
 
 /// The loop; see the module docs.
 pub struct LeaseLoop {
-    data_plane: Arc<dyn DataPlane>,
+    sender: Sender,
     options: LeaseLoopOptions,
     metrics: Metrics,
     book: LeaseBook,
+    /// What each held lease's task watches.
+    watches: HashMap<String, Arc<Watch>>,
     rx: mpsc::UnboundedReceiver<Command>,
-    pending_acks: Vec<String>,
-    /// Deadline changes, batched by their value in seconds.
-    pending_modifies: BTreeMap<u32, Vec<String>>,
+    /// Acks to send, with their leases' deadlines (for the RPC deadline).
+    pending_acks: Vec<(String, Instant)>,
+    /// Deadline changes to send, by their value in seconds.
+    pending_modifies: BTreeMap<u32, Vec<(String, Instant)>>,
+    /// Deadline changes waiting for an extension of the same id to answer.
+    parked: HashMap<String, (u32, Instant)>,
     /// When pending acks and changes must be sent at the latest.
     flush_at: Option<Instant>,
     rpcs: JoinSet<Done>,
@@ -128,19 +141,28 @@ impl LeaseLoop {
         metrics: Metrics,
     ) -> (LeaseHandle, JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let book = LeaseBook::new(options.extension, options.max_lease);
+        let handle = LeaseHandle {
+            tx,
+            first_deadline: options.first_deadline,
+        };
         let lease_loop = LeaseLoop {
-            data_plane,
+            sender: Sender {
+                data_plane,
+                subscription: options.subscription.clone(),
+                give_up_after: options.give_up_after,
+            },
+            book: LeaseBook::new(options.extension, options.max_lease),
             options,
             metrics,
-            book,
+            watches: HashMap::new(),
             rx,
             pending_acks: Vec::new(),
             pending_modifies: BTreeMap::new(),
+            parked: HashMap::new(),
             flush_at: None,
             rpcs: JoinSet::new(),
         };
-        (LeaseHandle { tx }, tokio::spawn(lease_loop.run()))
+        (handle, tokio::spawn(lease_loop.run()))
     }
 
     async fn run(mut self) {
@@ -150,7 +172,7 @@ impl LeaseLoop {
             let flush_at = self.flush_at;
             tokio::select! {
                 // Order matters: finished RPCs move deadlines forward, and
-                // commands remove acked leases, before a round is decided, so
+                // commands remove ended leases, before a round is decided, so
                 // a round never extends what was just acked.
                 biased;
                 Some(done) = self.rpcs.join_next(), if !self.rpcs.is_empty() => {
@@ -169,51 +191,69 @@ impl LeaseLoop {
                     self.start_round();
                 }
                 () = sleep_until(lost_at.unwrap_or_else(Instant::now)), if lost_at.is_some() => {
-                    self.count_lost();
+                    let lost = self.book.take_lost(Instant::now());
+                    self.lose(&lost, "its deadline passed before an extension succeeded");
                 }
             }
         }
-        // Every handle is gone: send what is pending and wait for all RPCs.
+        // Every handle is gone: send what is pending and wait for all RPCs
+        // (a parked change is sent once its extension answers).
         self.flush();
         while let Some(done) = self.rpcs.join_next().await {
             if let Ok(done) = done {
                 self.finished(done);
             }
+            self.flush();
         }
-        self.metrics
-            .leases_held
-            .with_label_values(&[&self.options.label])
-            .set(0);
+        self.update_held();
     }
 
     fn apply(&mut self, command: Command) {
         let now = Instant::now();
         match command {
-            Command::Hold(ids) => {
-                for id in ids {
-                    self.book.add(id, now, self.options.first_deadline);
+            Command::Hold(held) => {
+                for (id, watch) in held {
+                    self.book.add(id.clone(), now, self.options.first_deadline);
+                    self.watches.insert(id, watch);
                 }
             }
             Command::Ack(id) => {
-                self.book.remove(&id);
-                self.pending_acks.push(id);
+                let expires = self.end(&id).map_or(now, |r| r.expires);
+                self.pending_acks.push((id, expires));
                 self.schedule_flush(now);
             }
-            Command::Modify(id, secs) => {
-                self.book.remove(&id);
-                self.pending_modifies.entry(secs).or_default().push(id);
-                self.schedule_flush(now);
+            Command::Modify(id, secs) => match self.end(&id) {
+                Some(removed) if removed.in_flight => {
+                    self.parked.insert(id, (secs, removed.expires));
+                }
+                removed => {
+                    let expires = removed.map_or(now, |r| r.expires);
+                    self.pending_modifies
+                        .entry(secs)
+                        .or_default()
+                        .push((id, expires));
+                    self.schedule_flush(now);
+                }
+            },
+            Command::Forget(id) => {
+                self.end(&id);
             }
         }
         self.update_held();
     }
 
+    /// Takes an ended lease out of the book and forgets its watch.
+    fn end(&mut self, id: &str) -> Option<crate::lease::book::Removed> {
+        self.watches.remove(id);
+        self.book.remove(id)
+    }
+
     fn schedule_flush(&mut self, now: Instant) {
-        let full = self.pending_acks.len() >= MAX_ACK_IDS_PER_RPC
+        let full = self.pending_acks.len() >= batch::MAX_IDS
             || self
                 .pending_modifies
                 .values()
-                .any(|v| v.len() >= MAX_ACK_IDS_PER_RPC);
+                .any(|v| v.len() >= batch::MAX_IDS);
         if full {
             self.flush();
         } else if self.flush_at.is_none() {
@@ -231,33 +271,32 @@ impl LeaseLoop {
     /// Sends pending acks and deadline changes, each retried in the background.
     fn flush(&mut self) {
         self.flush_at = None;
-        let sub = self.options.subscription.clone();
-        let give_up = self.options.give_up_after;
-        for chunk in std::mem::take(&mut self.pending_acks).chunks(MAX_ACK_IDS_PER_RPC) {
-            let (dp, sub, ids) = (self.data_plane.clone(), sub.clone(), chunk.to_vec());
+        let acks = std::mem::take(&mut self.pending_acks);
+        for (ids, expires) in batches(&acks) {
+            let sender = self.sender.clone();
             self.rpcs.spawn(async move {
-                let n = ids.len();
-                let result = retrying(give_up, || dp.acknowledge(&sub, ids.clone())).await;
-                if let Err(e) = result {
-                    tracing::error!(subscription = %sub, messages = n, error = %e,
-                        "could not acknowledge; the messages will be redelivered and their tasks may run again");
-                }
+                let sent = sender.acknowledge(ids, expires).await;
+                report(
+                    &sender,
+                    &sent,
+                    "acknowledge",
+                    "they will be redelivered and their tasks may run again",
+                );
                 Done::Other
             });
         }
-        for (secs, ids) in std::mem::take(&mut self.pending_modifies) {
-            for chunk in ids.chunks(MAX_ACK_IDS_PER_RPC) {
-                let (dp, sub, ids) = (self.data_plane.clone(), sub.clone(), chunk.to_vec());
+        for (secs, changes) in std::mem::take(&mut self.pending_modifies) {
+            for (ids, expires) in batches(&changes) {
+                let sender = self.sender.clone();
+                let seconds = i32::try_from(secs).unwrap_or(600);
                 self.rpcs.spawn(async move {
-                    let n = ids.len();
-                    let result = retrying(give_up, || {
-                        dp.modify_ack_deadline(&sub, ids.clone(), i32::try_from(secs).unwrap_or(600))
-                    })
-                    .await;
-                    if let Err(e) = result {
-                        tracing::warn!(subscription = %sub, messages = n, seconds = secs, error = %e,
-                            "could not set the messages' deadline; they come back when their current deadline passes");
-                    }
+                    let sent = sender.modify(ids, seconds, expires).await;
+                    report(
+                        &sender,
+                        &sent,
+                        "set the deadline of",
+                        "they come back when their current deadline passes",
+                    );
                     Done::Other
                 });
             }
@@ -267,23 +306,28 @@ impl LeaseLoop {
     fn start_round(&mut self) {
         let now = Instant::now();
         let round = self.book.round(now);
-        for id in &round.expired {
+        self.lose(
+            &round.lost,
+            "its deadline passed before an extension was sent",
+        );
+        for id in &round.past_max_lease {
             tracing::warn!(subscription = %self.options.label, ack_id = %id,
                 max_lease = %humantime::format_duration(self.options.max_lease),
-                "lease reached lease.max_lease and is no longer extended; the message will be redelivered");
-        }
-        if !round.expired.is_empty() {
-            self.update_held();
+                "lease reached lease.max_lease; stopping its task (the lease is kept until it has stopped)");
+            if let Some(watch) = self.watches.get(id) {
+                watch.interrupt(Interruption::PastMaxLease);
+            }
         }
         let secs = i32::try_from(self.options.extension.as_secs()).unwrap_or(600);
-        for ids in round
-            .due
-            .chunks(MAX_ACK_IDS_PER_RPC)
-            .map(<[String]>::to_vec)
-        {
-            let (dp, sub) = (self.data_plane.clone(), self.options.subscription.clone());
+        for ids in batch::batches(&round.due) {
+            let expires = ids
+                .iter()
+                .filter_map(|id| self.book.expires(id))
+                .min()
+                .unwrap_or(now);
+            let sender = self.sender.clone();
             self.rpcs.spawn(async move {
-                let result = dp.modify_ack_deadline(&sub, ids.clone(), secs).await;
+                let result = sender.extend(ids.clone(), secs, expires).await;
                 Done::Extended {
                     ids,
                     sent_at: now,
@@ -302,73 +346,117 @@ impl LeaseLoop {
         else {
             return;
         };
-        let label = self.options.label.as_str();
-        let result_label = if result.is_ok() { "success" } else { "failure" };
-        self.metrics
-            .lease_extension_rpcs
-            .with_label_values(&[label, result_label])
-            .inc();
-        self.metrics
-            .lease_extensions
-            .with_label_values(&[label, result_label])
-            .inc_by(ids.len() as u64);
-        match result {
-            Ok(()) => self.book.extended(&ids, sent_at),
-            Err(e) => {
-                tracing::warn!(subscription = %label, messages = ids.len(), error = %e,
+        let label = self.options.label.clone();
+        let (ok, failed, refused) = match &result {
+            Ok(()) => (ids.clone(), Vec::new(), Vec::new()),
+            Err(RpcError {
+                failed_ids: Some(f),
+                ..
+            }) => {
+                let ok = ids
+                    .iter()
+                    .filter(|id| !f.transient.contains(id) && !f.permanent.contains(id))
+                    .cloned()
+                    .collect();
+                (ok, f.transient.clone(), f.permanent.clone())
+            }
+            Err(_) => (Vec::new(), ids.clone(), Vec::new()),
+        };
+        self.count_extension(&label, &result, ok.len(), failed.len() + refused.len());
+        self.book.extended(&ok, sent_at);
+        for id in &ok {
+            if let (Some(watch), Some(expires)) = (self.watches.get(id), self.book.expires(id)) {
+                watch.set_expires(expires);
+            }
+        }
+        if !failed.is_empty() {
+            if let Err(e) = &result {
+                tracing::warn!(subscription = %label, messages = failed.len(), error = %e,
                     "lease extension failed; retrying before the deadline passes");
-                self.book.failed(&ids, Instant::now());
+            }
+            self.book.failed(&failed, Instant::now());
+        }
+        let refused = self.book.refused(&refused);
+        self.lose(
+            &refused,
+            "Pub/Sub refused its ack id (exactly-once delivery)",
+        );
+        // Changes parked behind these extensions can go now.
+        let now = Instant::now();
+        for id in &ids {
+            if let Some((secs, expires)) = self.parked.remove(id) {
+                self.pending_modifies
+                    .entry(secs)
+                    .or_default()
+                    .push((id.clone(), expires));
+                self.schedule_flush(now);
             }
         }
     }
 
-    fn count_lost(&mut self) {
-        let lost = self.book.take_lost(Instant::now());
-        if lost.is_empty() {
+    fn count_extension(
+        &self,
+        label: &str,
+        result: &Result<(), RpcError>,
+        ok: usize,
+        failed: usize,
+    ) {
+        let m = &self.metrics;
+        let rpc_result = if result.is_ok() { "success" } else { "failure" };
+        m.lease_extension_rpcs
+            .with_label_values(&[label, rpc_result])
+            .inc();
+        m.lease_extensions
+            .with_label_values(&[label, "success"])
+            .inc_by(ok as u64);
+        m.lease_extensions
+            .with_label_values(&[label, "failure"])
+            .inc_by(failed as u64);
+    }
+
+    /// Counts and reports newly lost leases, and tells their tasks to stop.
+    fn lose(&mut self, ids: &[String], why: &str) {
+        if ids.is_empty() {
             return;
         }
         self.metrics
             .leases_lost
             .with_label_values(&[&self.options.label])
-            .inc_by(lost.len() as u64);
-        tracing::error!(subscription = %self.options.label, messages = lost.len(),
-            "leases lost: their deadline passed before an extension succeeded; Pub/Sub may redeliver them to another worker");
-    }
-}
-
-/// Retries `call` with exponential backoff (100 ms doubling to 5 s) until it
-/// succeeds, fails with a code that will not get better, or `give_up` passes.
-async fn retrying<F, Fut>(give_up: Duration, mut call: F) -> Result<(), RpcError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<(), RpcError>>,
-{
-    let start = Instant::now();
-    let mut delay = Duration::from_millis(100);
-    loop {
-        match call().await {
-            Ok(()) => return Ok(()),
-            Err(e) if !is_transient(e.code) || start.elapsed() + delay > give_up => return Err(e),
-            Err(_) => {
-                sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
+            .inc_by(ids.len() as u64);
+        for id in ids {
+            tracing::error!(subscription = %self.options.label, ack_id = %id,
+                "lease lost ({why}): another worker may hold the message now; stopping its task here");
+            if let Some(watch) = self.watches.get(id) {
+                watch.interrupt(Interruption::Lost);
             }
         }
     }
 }
 
-/// Codes worth retrying: the service or the network is having a moment.
-pub fn is_transient(code: tonic::Code) -> bool {
-    matches!(
-        code,
-        tonic::Code::Unavailable
-            | tonic::Code::DeadlineExceeded
-            | tonic::Code::ResourceExhausted
-            | tonic::Code::Aborted
-            | tonic::Code::Internal
-            | tonic::Code::Unknown
-            | tonic::Code::Cancelled
-    )
+/// Ack ids with their deadlines, cut into requests; each batch with the
+/// earliest deadline among its leases.
+fn batches(items: &[(String, Instant)]) -> Vec<(Vec<String>, Instant)> {
+    let expires: HashMap<&str, Instant> = items.iter().map(|(id, e)| (id.as_str(), *e)).collect();
+    let ids: Vec<String> = items.iter().map(|(id, _)| id.clone()).collect();
+    batch::batches(&ids)
+        .into_iter()
+        .map(|b| {
+            let earliest = b
+                .iter()
+                .filter_map(|id| expires.get(id.as_str()).copied())
+                .min()
+                .unwrap_or_else(Instant::now);
+            (b, earliest)
+        })
+        .collect()
+}
+
+/// Logs what a retried ack or deadline change could not do.
+fn report(sender: &Sender, sent: &Sent, what: &str, consequence: &str) {
+    if let Some(e) = &sent.error {
+        tracing::warn!(subscription = %sender.subscription, messages = sent.failed.len(), error = %e,
+            "could not {what} messages; {consequence}");
+    }
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 //! worker are unit-tested on a fake of [`DataPlane`] (`crate::testing`); this
 //! file is exercised against the real emulator by the black-box tests.
 
+use std::future::Future;
 use std::time::Duration;
 
 use google_cloud_auth::credentials::{CacheableResource, Credentials};
@@ -30,9 +31,32 @@ pub struct RpcError {
     pub code: tonic::Code,
     /// The server's or transport's message.
     pub message: String,
+    /// On an exactly-once subscription, the ack ids that failed when the
+    /// rest of the batch succeeded; `None` when the whole call failed.
+    pub failed_ids: Option<FailedIds>,
+}
+
+/// The ack ids of a batch that failed on their own.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FailedIds {
+    /// Worth retrying (e.g. `TRANSIENT_FAILURE_*`).
+    pub transient: Vec<String>,
+    /// Never going to succeed (e.g. `PERMANENT_FAILURE_INVALID_ACK_ID`: the
+    /// lease is gone).
+    pub permanent: Vec<String>,
 }
 
 impl RpcError {
+    /// A whole call that failed.
+    pub fn new(rpc: &'static str, code: tonic::Code, message: impl Into<String>) -> RpcError {
+        RpcError {
+            rpc,
+            code,
+            message: message.into(),
+            failed_ids: None,
+        }
+    }
+
     /// A short stable name for metric labels (`unavailable`, `not_found`, ...).
     pub fn code_label(&self) -> &'static str {
         code_label(self.code)
@@ -78,15 +102,22 @@ pub trait DataPlane: Send + Sync + 'static {
     ) -> Result<Vec<ReceivedMessage>, RpcError>;
 
     /// Acknowledge a batch of ack ids (the caller keeps batches within
-    /// Pub/Sub's request limits).
-    async fn acknowledge(&self, subscription: &str, ack_ids: Vec<String>) -> Result<(), RpcError>;
+    /// Pub/Sub's request limits), giving up after `timeout`.
+    async fn acknowledge(
+        &self,
+        subscription: &str,
+        ack_ids: Vec<String>,
+        timeout: Duration,
+    ) -> Result<(), RpcError>;
 
-    /// Set the deadline of a batch of ack ids; 0 releases them now.
+    /// Set the deadline of a batch of ack ids (0 releases them now), giving
+    /// up after `timeout`.
     async fn modify_ack_deadline(
         &self,
         subscription: &str,
         ack_ids: Vec<String>,
         seconds: i32,
+        timeout: Duration,
     ) -> Result<(), RpcError>;
 }
 
@@ -126,11 +157,11 @@ impl GrpcDataPlane {
             Ok(CacheableResource::New { data, .. }) => data,
             Ok(CacheableResource::NotModified) => http::HeaderMap::new(),
             Err(e) => {
-                return Err(RpcError {
+                return Err(RpcError::new(
                     rpc,
-                    code: tonic::Code::Unauthenticated,
-                    message: e.to_string(),
-                });
+                    tonic::Code::Unauthenticated,
+                    e.to_string(),
+                ));
             }
         };
         let mut request = tonic::Request::new(body);
@@ -145,9 +176,25 @@ impl GrpcDataPlane {
 
 fn rpc_error(rpc: &'static str, status: &tonic::Status) -> RpcError {
     RpcError {
-        rpc,
-        code: status.code(),
-        message: status.message().to_string(),
+        failed_ids: super::ack_errors::failed_ids(status),
+        ..RpcError::new(rpc, status.code(), status.message())
+    }
+}
+
+/// Runs `call` with a deadline: sent to the server as `grpc-timeout`, and
+/// enforced here too, so a stalled connection cannot hold the caller past it.
+async fn with_deadline<T>(
+    rpc: &'static str,
+    timeout: Duration,
+    call: impl Future<Output = Result<T, RpcError>>,
+) -> Result<T, RpcError> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(result) => result,
+        Err(_) => Err(RpcError::new(
+            rpc,
+            tonic::Code::DeadlineExceeded,
+            format!("no answer within {timeout:?}"),
+        )),
     }
 }
 
@@ -174,18 +221,27 @@ impl DataPlane for GrpcDataPlane {
         }
     }
 
-    async fn acknowledge(&self, subscription: &str, ack_ids: Vec<String>) -> Result<(), RpcError> {
+    async fn acknowledge(
+        &self,
+        subscription: &str,
+        ack_ids: Vec<String>,
+        timeout: Duration,
+    ) -> Result<(), RpcError> {
         let body = AcknowledgeRequest {
             subscription: subscription.to_string(),
             ack_ids,
         };
-        let request = self.request("Acknowledge", subscription, body).await?;
-        self.client
-            .clone()
-            .acknowledge(request)
-            .await
-            .map(|_| ())
-            .map_err(|s| rpc_error("Acknowledge", &s))
+        with_deadline("Acknowledge", timeout, async {
+            let mut request = self.request("Acknowledge", subscription, body).await?;
+            request.set_timeout(timeout);
+            self.client
+                .clone()
+                .acknowledge(request)
+                .await
+                .map(|_| ())
+                .map_err(|s| rpc_error("Acknowledge", &s))
+        })
+        .await
     }
 
     async fn modify_ack_deadline(
@@ -193,20 +249,25 @@ impl DataPlane for GrpcDataPlane {
         subscription: &str,
         ack_ids: Vec<String>,
         seconds: i32,
+        timeout: Duration,
     ) -> Result<(), RpcError> {
         let body = ModifyAckDeadlineRequest {
             subscription: subscription.to_string(),
             ack_ids,
             ack_deadline_seconds: seconds,
         };
-        let request = self
-            .request("ModifyAckDeadline", subscription, body)
-            .await?;
-        self.client
-            .clone()
-            .modify_ack_deadline(request)
-            .await
-            .map(|_| ())
-            .map_err(|s| rpc_error("ModifyAckDeadline", &s))
+        with_deadline("ModifyAckDeadline", timeout, async {
+            let mut request = self
+                .request("ModifyAckDeadline", subscription, body)
+                .await?;
+            request.set_timeout(timeout);
+            self.client
+                .clone()
+                .modify_ack_deadline(request)
+                .await
+                .map(|_| ())
+                .map_err(|s| rpc_error("ModifyAckDeadline", &s))
+        })
+        .await
     }
 }

@@ -50,9 +50,10 @@ kill_grace = "1s"
 
 fn start(extra: &str) -> Running {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("c.toml");
-    std::fs::write(&path, format!("{BASE}\n{extra}")).unwrap();
-    let config = Config::load(&[path], &Environment::default()).unwrap();
+    let (base, layer) = (dir.path().join("base.toml"), dir.path().join("test.toml"));
+    std::fs::write(&base, BASE).unwrap();
+    std::fs::write(&layer, extra).unwrap();
+    let config = Config::load(&[base, layer], &Environment::default()).unwrap();
     let dp = Arc::new(FakeDataPlane::default());
     let publisher = Arc::new(FakePublisher::default());
     let metrics = Metrics::new();
@@ -262,5 +263,132 @@ async fn pull_errors_back_off_and_the_worker_recovers() {
     w.dp.push(message("t5", Some("noop"), ""));
     w.until("the task after the outage", |w| w.acked("t5#1"))
         .await;
+    w.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_handler_is_a_failure_with_a_reason_and_nothing_leaks() {
+    let w = start("[handlers.panic]\nexecutor = \"cpu\"\nbuiltin = \"panic\"\n");
+    w.dp.push(message("p1", Some("panic"), ""));
+    w.until("the third attempt's ack", |w| w.acked("p1#3"))
+        .await;
+    let dead = w.publisher.on("dead");
+    assert_eq!(dead.len(), 1);
+    assert!(
+        dead[0].attributes[ERROR_ATTRIBUTE]
+            .contains("the handler panicked: the panic builtin panics"),
+        "{dead:?}"
+    );
+    assert_eq!(w.outcomes(), vec!["retrying", "retrying", "dead_lettered"]);
+    assert_eq!(w.gauge("in_progress"), 0);
+    let w = w.stop().await;
+    assert_eq!(w.gauge("leases"), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn bad_builtin_input_is_dead_lettered_at_once_with_the_reason() {
+    let w = start("");
+    w.dp.push(message("big", Some("sleep"), r#"{"seconds": 1e20}"#));
+    w.until("the ack", |w| w.acked("big#1")).await;
+    assert!(w.started.elapsed() < 2 * SEC, "at once");
+    let dead = w.publisher.on("dead");
+    assert!(
+        dead[0].attributes[ERROR_ATTRIBUTE].contains("bad task input"),
+        "{dead:?}"
+    );
+    assert_eq!(w.outcomes(), vec!["dead_lettered"]);
+    assert_eq!(w.gauge("in_progress"), 0);
+    let w = w.stop().await;
+    assert_eq!(w.gauge("leases"), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lost_lease_stops_the_run_and_is_never_acked() {
+    let w = start("");
+    w.dp.push(message("l1", Some("sleep"), r#"{"seconds": 3600}"#));
+    w.until("the task runs", |w| w.gauge("in_progress") == 1)
+        .await;
+    // Extensions fail until the deadline passes.
+    w.dp.set_failing(true);
+    w.until("the run is reported lost", |w| !w.outcomes().is_empty())
+        .await;
+    assert!(
+        w.started.elapsed() < 15 * SEC,
+        "stopped soon after the 10 s deadline"
+    );
+    w.dp.set_failing(false);
+    assert_eq!(w.outcomes(), vec!["lease_lost"]);
+    assert_eq!(
+        w.metrics
+            .leases_lost
+            .with_label_values(&["leasehold-tasks-cpu"])
+            .get(),
+        1
+    );
+    // Pub/Sub redelivers the lapsed message; this worker's free slot may
+    // take it like any other's, as a new delivery.
+    w.until("the redelivery runs", |w| w.gauge("in_progress") == 1)
+        .await;
+    let w = w.stop().await;
+    assert!(!w.acked("l1#1"), "a lost lease is never acked");
+    assert_eq!(w.outcomes(), vec!["lease_lost", "released"]);
+    assert_eq!(w.gauge("leases"), 0);
+    assert_eq!(w.gauge("in_progress"), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn max_lease_stops_the_task_and_retries_it_with_the_reason() {
+    let w = start("[lease]\nextension = \"60s\"\nmax_lease = \"100s\"\n");
+    w.dp.push(message("m1", Some("sleep"), r#"{"seconds": 3600}"#));
+    w.until("the retry", |w| w.outcomes() == ["retrying"]).await;
+    let stopped_after = w.started.elapsed();
+    assert!(
+        (100 * SEC..=130 * SEC).contains(&stopped_after),
+        "stopped at max_lease: {stopped_after:?}"
+    );
+    let event: serde_json::Value =
+        serde_json::from_slice(&w.publisher.on("results")[0].data).unwrap();
+    assert!(
+        event["error"]
+            .as_str()
+            .unwrap()
+            .contains("ran past lease.max_lease"),
+        "{event}"
+    );
+    // Never lost: the lease was extended while the task stopped.
+    assert_eq!(
+        w.metrics
+            .leases_lost
+            .with_label_values(&["leasehold-tasks-cpu"])
+            .get(),
+        0
+    );
+    w.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn messages_beyond_the_slots_asked_for_are_released_at_once() {
+    let w = start("[executors.cpu]\nslots = 1\n");
+    w.dp.misbehave(|m| m.extra_on_pull = 2);
+    for i in 0..3 {
+        w.dp.push(message(
+            &format!("x{i}"),
+            Some("sleep"),
+            r#"{"seconds": 60}"#,
+        ));
+    }
+    w.until("two releases", |w| {
+        w.rpcs()
+            .iter()
+            .map(|(_, c)| match c {
+                Call::Modify { ids, seconds: 0 } => ids.len(),
+                _ => 0,
+            })
+            .sum::<usize>()
+            == 2
+    })
+    .await;
+    assert!(w.started.elapsed() < SEC, "released at once");
+    assert_eq!(w.gauge("in_progress"), 1, "one slot, one task");
     w.stop().await;
 }

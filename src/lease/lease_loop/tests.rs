@@ -47,8 +47,22 @@ async fn settle() {
     }
 }
 
+/// Moves the paused clock on by `d` in steps of 100 ms, letting every timer
+/// and the tasks it wakes run in turn (one big `advance` would fire only the
+/// timers that exist before it).
+async fn run_for(d: Duration) {
+    let step = Duration::from_millis(100);
+    let mut left = d;
+    while !left.is_zero() {
+        let next = left.min(step);
+        advance(next).await;
+        settle().await;
+        left -= next;
+    }
+}
+
 #[tokio::test(start_paused = true)]
-async fn hundreds_of_held_messages_are_extended_in_one_rpc_per_2500() {
+async fn thousands_of_held_messages_are_extended_in_batches_of_1000() {
     let fake = Arc::new(FakeDataPlane::default());
     let (lease, _task, metrics) = start(&fake);
     let _a = lease.hold(ids(700));
@@ -59,8 +73,7 @@ async fn hundreds_of_held_messages_are_extended_in_one_rpc_per_2500() {
     settle().await;
     let rounds = modifies(&fake);
     let sizes: Vec<usize> = rounds.iter().map(|(_, ids, _)| ids.len()).collect();
-    assert_eq!(sizes.iter().sum::<usize>(), 6000);
-    assert_eq!(sizes.len(), 3, "6,000 leases in 3 RPCs: {sizes:?}");
+    assert_eq!(sizes, vec![1000; 6], "6,000 leases in 6 RPCs");
     assert!(rounds.iter().all(|(_, _, s)| *s == 60));
     assert_eq!(metrics.leases_held.with_label_values(&["s"]).get(), 6000);
     assert_eq!(
@@ -68,8 +81,30 @@ async fn hundreds_of_held_messages_are_extended_in_one_rpc_per_2500() {
             .lease_extension_rpcs
             .with_label_values(&["s", "success"])
             .get(),
-        3
+        6
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn real_sized_ack_ids_are_cut_by_count_and_bytes() {
+    let fake = Arc::new(FakeDataPlane::default());
+    let (lease, _task, _) = start(&fake);
+    // Ack ids as long as the real service's (hundreds of bytes).
+    let long =
+        |n: usize, len: usize| -> Vec<String> { (0..n).map(|i| format!("{i:0len$}")).collect() };
+    let _held = lease.hold(long(2_500, 300));
+    settle().await;
+    advance(7 * SEC).await;
+    settle().await;
+    let sizes: Vec<usize> = modifies(&fake)
+        .iter()
+        .map(|(_, ids, _)| ids.len())
+        .collect();
+    assert_eq!(sizes, vec![1000, 1000, 500]);
+    for (_, ids, _) in modifies(&fake) {
+        let bytes: usize = ids.iter().map(String::len).sum();
+        assert!(bytes <= batch::MAX_BYTES, "{bytes} bytes in one request");
+    }
 }
 
 #[tokio::test(start_paused = true)]
@@ -134,43 +169,193 @@ async fn acks_are_batched() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn failed_extensions_are_retried_and_counted_as_lost_past_the_deadline() {
+async fn failed_extensions_are_retried_then_the_lease_is_lost_and_its_task_told() {
     let fake = Arc::new(FakeDataPlane::default());
     let (lease, _task, metrics) = start(&fake);
-    let _a = lease.hold(vec!["a".into()]);
+    let held = lease.hold(vec!["a".into()]);
+    settle().await;
+    let stop = held[0].stop_signal();
     fake.set_failing(true);
     for _ in 0..12 {
         advance(SEC).await;
         settle().await;
     }
-    // Tried at 7 s, then every second after each failure.
+    // Tried at 6.7 s, then again after each failure, before the deadline.
     let tries = modifies(&fake).len();
-    assert!(tries >= 4, "retried: {tries}");
+    assert!(tries >= 3, "retried: {tries}");
     assert_eq!(metrics.leases_lost.with_label_values(&["s"]).get(), 1);
-    assert!(
+    assert!(stop.is_cancelled(), "the task is told to stop");
+    assert_eq!(held[0].interruption(), Some(Interruption::Lost));
+    // Pub/Sub is back, but a lost lease is never extended again.
+    fake.set_failing(false);
+    advance(60 * SEC).await;
+    settle().await;
+    assert_eq!(modifies(&fake).len(), tries);
+    assert_eq!(metrics.leases_lost.with_label_values(&["s"]).get(), 1);
+    // Its task ends it without a word to Pub/Sub.
+    held.into_iter().for_each(Lease::abandon);
+    settle().await;
+    assert_eq!(metrics.leases_held.with_label_values(&["s"]).get(), 0);
+    assert_eq!(modifies(&fake).len(), tries);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hung_extension_times_out_and_is_retried_before_the_deadline() {
+    let fake = Arc::new(FakeDataPlane::default());
+    let (lease, _task, metrics) = start(&fake);
+    let held = lease.hold(vec!["a".into()]);
+    settle().await;
+    fake.misbehave(|m| m.hang = true);
+    // The round at 6.7 s hangs; its deadline is half the 3.3 s left.
+    advance(Duration::from_millis(6_700)).await;
+    settle().await;
+    advance(Duration::from_millis(1_700)).await;
+    settle().await;
+    assert_eq!(
         metrics
             .lease_extension_rpcs
             .with_label_values(&["s", "failure"])
-            .get()
-            >= 4
+            .get(),
+        1,
+        "the hung call was given up on"
     );
-    // Pub/Sub is back: the lease is extended again (within the backoff,
-    // at most 16 s), and lost only once.
-    fake.set_failing(false);
-    for _ in 0..17 {
-        advance(SEC).await;
-        settle().await;
-    }
-    assert!(
+    // The connection recovers; the retry comes before the 10 s deadline.
+    fake.misbehave(|m| m.hang = false);
+    advance(Duration::from_millis(1_000)).await;
+    settle().await;
+    let done: Vec<u128> = modifies(&fake)
+        .iter()
+        .map(|(t, _, _)| t.duration_since(modifies(&fake)[0].0).as_millis())
+        .collect();
+    assert_eq!(done.len(), 1, "{done:?}");
+    assert_eq!(
         metrics
             .lease_extension_rpcs
             .with_label_values(&["s", "success"])
-            .get()
-            >= 1
+            .get(),
+        1
     );
     advance(30 * SEC).await;
     settle().await;
+    assert_eq!(metrics.leases_lost.with_label_values(&["s"]).get(), 0);
+    assert_eq!(held[0].interruption(), None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_release_is_never_overtaken_by_an_extension_still_in_flight() {
+    let fake = Arc::new(FakeDataPlane::default());
+    let (lease, _task, _) = start(&fake);
+    let [a]: [Lease; 1] = lease.hold(vec!["a".into()]).try_into().unwrap();
+    settle().await;
+    // The extension sent at 6.7 s takes 1 s to take effect (within its
+    // 1.67 s deadline)...
+    fake.misbehave(|m| m.slow_extensions = Some(SEC));
+    advance(Duration::from_millis(6_800)).await;
+    settle().await;
+    // ...and the task is released while it is in flight.
+    a.release();
+    run_for(5 * SEC).await;
+    let seconds: Vec<i32> = modifies(&fake).iter().map(|(_, _, s)| *s).collect();
+    assert_eq!(seconds, vec![60, 0], "the release takes effect last");
+}
+
+#[tokio::test(start_paused = true)]
+async fn refused_ids_are_lost_alone_and_the_rest_of_the_batch_extended() {
+    let fake = Arc::new(FakeDataPlane::default());
+    let (lease, _task, metrics) = start(&fake);
+    let held = lease.hold(vec!["a".into(), "b".into(), "c".into()]);
+    settle().await;
+    fake.misbehave(|m| {
+        m.refused.insert("b".into());
+        m.refused_once.insert("c".into());
+    });
+    advance(7 * SEC).await;
+    settle().await;
+    // b is lost; a is extended; c was refused once and is retried soon.
+    assert_eq!(held[1].interruption(), Some(Interruption::Lost));
     assert_eq!(metrics.leases_lost.with_label_values(&["s"]).get(), 1);
+    assert_eq!(held[0].interruption(), None);
+    advance(2 * SEC).await;
+    settle().await;
+    let rounds = modifies(&fake);
+    assert_eq!(rounds[0].1, vec!["a", "b", "c"]);
+    assert!(
+        rounds[1..]
+            .iter()
+            .any(|(_, ids, _)| ids.contains(&"c".to_string())),
+        "c retried: {rounds:?}"
+    );
+    assert!(
+        rounds[1..]
+            .iter()
+            .all(|(_, ids, _)| !ids.contains(&"b".to_string())),
+        "b never again: {rounds:?}"
+    );
+    run_for(120 * SEC).await;
+    assert_eq!(held[2].interruption(), None, "c lives on");
+    assert_eq!(metrics.leases_lost.with_label_values(&["s"]).get(), 1);
+    assert_eq!(
+        metrics
+            .lease_extensions
+            .with_label_values(&["s", "failure"])
+            .get(),
+        2,
+        "b and c once each"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lease_past_max_lease_tells_its_task_and_stays_extended() {
+    let fake = Arc::new(FakeDataPlane::default());
+    let metrics = Metrics::new();
+    let (lease, _task) = LeaseLoop::spawn(
+        fake.clone(),
+        LeaseLoopOptions {
+            subscription: "projects/p/subscriptions/s".into(),
+            label: "s".into(),
+            first_deadline: 10 * SEC,
+            extension: 60 * SEC,
+            max_lease: 100 * SEC,
+            ..LeaseLoopOptions::default()
+        },
+        metrics.clone(),
+    );
+    let held = lease.hold(vec!["a".into()]);
+    settle().await;
+    run_for(120 * SEC).await;
+    assert_eq!(
+        held[0].interruption(),
+        None,
+        "not yet: rounds at 6.7, 46.7, 86.7 s"
+    );
+    run_for(10 * SEC).await;
+    assert_eq!(held[0].interruption(), Some(Interruption::PastMaxLease));
+    // Still extended while its task stops, so it never lapses under it.
+    let before = modifies(&fake).len();
+    run_for(60 * SEC).await;
+    assert!(modifies(&fake).len() > before);
+    assert_eq!(metrics.leases_lost.with_label_values(&["s"]).get(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lease_dropped_without_an_ending_is_released() {
+    let fake = Arc::new(FakeDataPlane::default());
+    let (lease, _task, metrics) = start(&fake);
+    let held = lease.hold(vec!["a".into()]);
+    // A task that panics drops its lease while unwinding.
+    let task = tokio::spawn(async move {
+        let _lease = held;
+        panic!("a bug in a task");
+    });
+    assert!(task.await.unwrap_err().is_panic());
+    settle().await;
+    advance(SEC).await;
+    settle().await;
+    assert_eq!(
+        modifies(&fake),
+        vec![(modifies(&fake)[0].0, vec!["a".to_string()], 0)]
+    );
+    assert_eq!(metrics.leases_held.with_label_values(&["s"]).get(), 0);
 }
 
 #[tokio::test(start_paused = true)]
