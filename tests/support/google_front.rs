@@ -1,0 +1,718 @@
+//! A stand-in for Google in front of the Pub/Sub emulator: what the
+//! production path meets, on this machine.
+//!
+//! - A TLS front (a CA made here, trusted only by processes given
+//!   [`GoogleFront::ca_file`] as `SSL_CERT_FILE`) that forwards gRPC to the
+//!   emulator (`PUBSUB_EMULATOR_HOST`).
+//! - On every RPC it checks, as Pub/Sub would, the `authorization: Bearer`
+//!   token (issued here, not expired) and, on gRPC, `x-goog-request-params`
+//!   (it must name the topic or subscription the request body is about), and
+//!   refuses a call without them with a trailers-only UNAUTHENTICATED or
+//!   PERMISSION_DENIED answer. The official admin clients speak HTTP/JSON
+//!   (REST), where the URL names the resource: those calls are checked for
+//!   the token and refused with HTTP 401/403 and a JSON error. Every call is
+//!   recorded, refused or not.
+//! - An OAuth token endpoint (`/token` on the same port) for an
+//!   `authorized_user` credentials file, [`GoogleFront::adc_file`], whose
+//!   `token_uri` points here; it issues short-lived tokens. (google-cloud-auth
+//!   signs its own JWTs for service-account keys and never calls a token
+//!   endpoint, so a service-account file could not be pointed here.) The
+//!   same endpoint is also served on a plain-HTTP port, as GKE's metadata
+//!   server serves Workload Identity tokens:
+//!   [`GoogleFront::adc_file_plain_token`] points there, so a test can break
+//!   the trust in the Pub/Sub endpoint alone.
+//!
+//! The front runs on its own runtime thread, so a test may block its own
+//! thread (waiting on a child process) without stalling the front.
+
+#![allow(dead_code)]
+// Token expiry is wall-clock time shared with a child process.
+#![allow(clippy::disallowed_types)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+/// The refresh token in the credentials file; anything else is refused.
+const REFRESH_TOKEN: &str = "leasehold-test-refresh-token";
+const CLIENT_ID: &str = "leasehold-test-client";
+
+/// gRPC status codes the front answers with.
+pub const UNAUTHENTICATED: u16 = 16;
+pub const PERMISSION_DENIED: u16 = 7;
+const UNIMPLEMENTED: u16 = 12;
+
+/// What the front does with calls that carry valid credentials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// Forward to the emulator.
+    Accept,
+    /// Refuse every call with this gRPC code (a revoked token: 16; a
+    /// removed IAM binding: 7).
+    Refuse(u16),
+}
+
+/// One RPC as the front saw it.
+#[derive(Debug, Clone)]
+pub struct Call {
+    /// `Service/Method`, e.g. `Subscriber/Pull` (REST calls are named by
+    /// the RPC they stand for).
+    pub method: String,
+    /// An HTTP/JSON call rather than gRPC.
+    pub rest: bool,
+    /// The bearer token, if any.
+    pub token: Option<String>,
+    /// `x-goog-request-params` as sent.
+    pub request_params: Option<String>,
+    /// The resource the request body names.
+    pub resource: Option<String>,
+    /// The gRPC code it was refused with; `None` when forwarded.
+    pub refused: Option<u16>,
+    /// Why it was refused.
+    pub reason: String,
+    /// When it arrived.
+    pub at: Instant,
+}
+
+/// Which field of each request names its resource, and the key
+/// `x-goog-request-params` must give it under (as Google's clients send it).
+fn routing(method: &str) -> Option<(&'static str, Field)> {
+    Some(match method {
+        "Publisher/CreateTopic" => ("name", Field::First),
+        "Publisher/UpdateTopic" => ("topic.name", Field::FirstOfFirst),
+        "Publisher/Publish" | "Publisher/GetTopic" | "Publisher/DeleteTopic" => {
+            ("topic", Field::First)
+        }
+        "Subscriber/CreateSubscription" => ("name", Field::First),
+        "Subscriber/UpdateSubscription" => ("subscription.name", Field::FirstOfFirst),
+        "Subscriber/GetSubscription"
+        | "Subscriber/DeleteSubscription"
+        | "Subscriber/Pull"
+        | "Subscriber/Acknowledge"
+        | "Subscriber/ModifyAckDeadline" => ("subscription", Field::First),
+        _ => return None,
+    })
+}
+
+/// Where a request keeps its resource name.
+#[derive(Debug, Clone, Copy)]
+enum Field {
+    /// Field 1 (`GetSubscriptionRequest.subscription`, `Topic.name`, ...).
+    First,
+    /// Field 1 of the message in field 1 (`UpdateTopicRequest.topic.name`).
+    FirstOfFirst,
+}
+
+struct State {
+    emulator: String,
+    token_lifetime: Duration,
+    /// Issued tokens and when each expires.
+    tokens: Mutex<HashMap<String, Instant>>,
+    token_requests: AtomicU64,
+    policy: Mutex<Policy>,
+    calls: Mutex<Vec<Call>>,
+    grpc_client: Client<HttpConnector, Full<Bytes>>,
+    rest_client: Client<HttpConnector, Full<Bytes>>,
+}
+
+/// The running front; stops when dropped.
+pub struct GoogleFront {
+    addr: SocketAddr,
+    state: Arc<State>,
+    ca_file: PathBuf,
+    adc_file: PathBuf,
+    adc_file_plain_token: PathBuf,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl GoogleFront {
+    /// Starts a front for the emulator at `emulator` (`HOST:PORT`), issuing
+    /// tokens valid for `token_lifetime`; writes `ca.pem` and `adc.json`
+    /// into `dir`.
+    pub fn start(emulator: &str, dir: &Path, token_lifetime: Duration) -> GoogleFront {
+        // Built on a thread of its own: a runtime cannot be started (nor
+        // blocked on) from inside the test's runtime.
+        let (emulator, dir) = (emulator.to_string(), dir.to_path_buf());
+        std::thread::spawn(move || GoogleFront::start_here(&emulator, &dir, token_lifetime))
+            .join()
+            .expect("the front starts")
+    }
+
+    fn start_here(emulator: &str, dir: &Path, token_lifetime: Duration) -> GoogleFront {
+        let pki = Pki::generate("leasehold test CA");
+        let ca_file = dir.join("ca.pem");
+        std::fs::write(&ca_file, &pki.ca_pem).unwrap();
+
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let plain = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let plain_port = plain.local_addr().unwrap().port();
+
+        let adc = |token_uri: String| {
+            serde_json::json!({
+                "type": "authorized_user",
+                "client_id": CLIENT_ID,
+                "client_secret": "leasehold-test-secret",
+                "refresh_token": REFRESH_TOKEN,
+                "token_uri": token_uri,
+            })
+            .to_string()
+        };
+        let adc_file = dir.join("adc.json");
+        std::fs::write(
+            &adc_file,
+            adc(format!("https://127.0.0.1:{}/token", addr.port())),
+        )
+        .unwrap();
+        let adc_file_plain_token = dir.join("adc-plain-token.json");
+        std::fs::write(
+            &adc_file_plain_token,
+            adc(format!("http://127.0.0.1:{plain_port}/token")),
+        )
+        .unwrap();
+
+        let (grpc_client, rest_client) = runtime.block_on(async {
+            (
+                Client::builder(TokioExecutor::new())
+                    .http2_only(true)
+                    .build_http(),
+                Client::builder(TokioExecutor::new()).build_http(),
+            )
+        });
+        let state = Arc::new(State {
+            emulator: emulator.to_string(),
+            token_lifetime,
+            tokens: Mutex::new(HashMap::new()),
+            token_requests: AtomicU64::new(0),
+            policy: Mutex::new(Policy::Accept),
+            calls: Mutex::new(Vec::new()),
+            grpc_client,
+            rest_client,
+        });
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(pki.server_config()));
+        runtime.spawn(serve(listener, Some(acceptor), state.clone()));
+        runtime.spawn(serve(plain, None, state.clone()));
+        GoogleFront {
+            addr,
+            state,
+            ca_file,
+            adc_file,
+            adc_file_plain_token,
+            runtime: Some(runtime),
+        }
+    }
+
+    /// `https://127.0.0.1:PORT`, for `pubsub.endpoint`.
+    pub fn endpoint(&self) -> String {
+        format!("https://127.0.0.1:{}", self.addr.port())
+    }
+
+    /// The test CA's certificate (PEM), for `SSL_CERT_FILE`.
+    pub fn ca_file(&self) -> &Path {
+        &self.ca_file
+    }
+
+    /// The `authorized_user` file, for `GOOGLE_APPLICATION_CREDENTIALS`.
+    pub fn adc_file(&self) -> &Path {
+        &self.adc_file
+    }
+
+    /// An `authorized_user` file whose token endpoint is plain HTTP, so
+    /// only the Pub/Sub endpoint depends on `SSL_CERT_FILE`.
+    pub fn adc_file_plain_token(&self) -> &Path {
+        &self.adc_file_plain_token
+    }
+
+    /// A valid token, as the token endpoint would issue it.
+    pub fn issue_token(&self) -> String {
+        issue(&self.state)
+    }
+
+    /// Accepts or refuses calls from now on.
+    pub fn set_policy(&self, policy: Policy) {
+        *self.state.policy.lock().unwrap() = policy;
+    }
+
+    /// Every call so far, in arrival order.
+    pub fn calls(&self) -> Vec<Call> {
+        self.state.calls.lock().unwrap().clone()
+    }
+
+    /// How many times the token endpoint issued a token.
+    pub fn tokens_issued(&self) -> u64 {
+        self.state.token_requests.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for GoogleFront {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Writes a CA certificate that signed nothing the front serves: trusting
+/// only it, a client must refuse the front.
+pub fn write_unrelated_ca(path: &Path) {
+    std::fs::write(path, Pki::generate("an unrelated CA").ca_pem).unwrap();
+}
+
+/// A CA and a server certificate for 127.0.0.1 and localhost, signed by it.
+struct Pki {
+    ca_pem: String,
+    server_der: rustls::pki_types::CertificateDer<'static>,
+    server_key_der: Vec<u8>,
+}
+
+impl Pki {
+    fn generate(ca_name: &str) -> Pki {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, ca_name);
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+
+        let server_key = KeyPair::generate().unwrap();
+        let server_params =
+            CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
+        let server_cert = server_params.signed_by(&server_key, &issuer).unwrap();
+        Pki {
+            ca_pem: ca_cert.pem(),
+            server_der: server_cert.der().clone(),
+            server_key_der: server_key.serialize_der(),
+        }
+    }
+
+    fn server_config(&self) -> rustls::ServerConfig {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(self.server_key_der.clone().into());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![self.server_der.clone()], key)
+            .unwrap();
+        // gRPC needs h2; the token endpoint client may speak either.
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        config
+    }
+}
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Serves TLS connections (the front and the token endpoint), or plain
+/// ones (the token endpoint only) without an acceptor.
+async fn serve(
+    listener: tokio::net::TcpListener,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    state: Arc<State>,
+) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        let (acceptor, state) = (acceptor.clone(), state.clone());
+        tokio::spawn(async move {
+            let tls = acceptor.is_some();
+            let service = hyper::service::service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(handle(state, req, tls).await) }
+            });
+            let server = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let _ = match acceptor {
+                // A client that does not trust the CA ends in accept: nothing to serve.
+                Some(acceptor) => match acceptor.accept(tcp).await {
+                    Ok(stream) => server.serve_connection(TokioIo::new(stream), service).await,
+                    Err(_) => return,
+                },
+                None => server.serve_connection(TokioIo::new(tcp), service).await,
+            };
+        });
+    }
+}
+
+async fn handle(state: Arc<State>, req: Request<Incoming>, tls: bool) -> Response<Body> {
+    if req.uri().path() == "/token" {
+        return token(&state, req).await;
+    }
+    if !tls {
+        return json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"error": "TLS only"}),
+        );
+    }
+    let grpc =
+        header(req.headers(), "content-type").is_some_and(|t| t.starts_with("application/grpc"));
+    let (parts, body) = req.into_parts();
+    let body = match body.collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return refusal(grpc, UNIMPLEMENTED, &format!("unreadable request: {e}")),
+    };
+    let mut call = Call {
+        method: String::new(),
+        rest: !grpc,
+        token: bearer(&parts.headers),
+        request_params: header(&parts.headers, "x-goog-request-params"),
+        resource: None,
+        refused: None,
+        reason: String::new(),
+        at: Instant::now(),
+    };
+    let checked = if grpc {
+        check_grpc(&state, &mut call, parts.uri.path(), &body)
+    } else {
+        check_rest(&state, &mut call, &parts)
+    };
+    if let Err((code, reason)) = checked {
+        call.refused = Some(code);
+        call.reason = reason.clone();
+        state.calls.lock().unwrap().push(call);
+        return refusal(grpc, code, &reason);
+    }
+    state.calls.lock().unwrap().push(call);
+    forward(&state, parts, body, grpc).await
+}
+
+/// A gRPC call: credentials, then `x-goog-request-params` naming the
+/// resource its body is about.
+fn check_grpc(
+    state: &State,
+    call: &mut Call,
+    path: &str,
+    body: &[u8],
+) -> Result<(), (u16, String)> {
+    call.method = path.trim_start_matches("/google.pubsub.v1.").to_string();
+    let Some((key, field)) = routing(&call.method) else {
+        return Err((
+            UNIMPLEMENTED,
+            format!("the test front does not know {}", call.method),
+        ));
+    };
+    call.resource = grpc_message(body).and_then(|m| resource(m, field));
+    check_credentials(state, call)?;
+    let Some(resource) = &call.resource else {
+        return Err((PERMISSION_DENIED, "the request names no resource".into()));
+    };
+    let named = call.request_params.as_deref().is_some_and(|params| {
+        params
+            .split('&')
+            .filter_map(|p| p.split_once('='))
+            .any(|(k, v)| k == key && percent_decode(v) == *resource)
+    });
+    if !named {
+        return Err((
+            PERMISSION_DENIED,
+            format!(
+                "x-goog-request-params {:?} does not name {key}={resource}",
+                call.request_params
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A REST call (the official admin clients speak HTTP/JSON): credentials;
+/// the URL names the resource, so there is no routing header to check.
+fn check_rest(
+    state: &State,
+    call: &mut Call,
+    parts: &http::request::Parts,
+) -> Result<(), (u16, String)> {
+    let path = parts.uri.path().trim_start_matches("/v1/");
+    let (resource, verb) = path.split_once(':').unwrap_or((path, ""));
+    let kind = resource.split('/').nth(2).unwrap_or("");
+    call.method = match (kind, parts.method.as_str(), verb) {
+        ("topics", "PUT", "") => "Publisher/CreateTopic",
+        ("topics", "PATCH", "") => "Publisher/UpdateTopic",
+        ("topics", "GET", "") => "Publisher/GetTopic",
+        ("topics", "DELETE", "") => "Publisher/DeleteTopic",
+        ("topics", "POST", "publish") => "Publisher/Publish",
+        ("subscriptions", "PUT", "") => "Subscriber/CreateSubscription",
+        ("subscriptions", "PATCH", "") => "Subscriber/UpdateSubscription",
+        ("subscriptions", "GET", "") => "Subscriber/GetSubscription",
+        ("subscriptions", "DELETE", "") => "Subscriber/DeleteSubscription",
+        ("subscriptions", "POST", "pull") => "Subscriber/Pull",
+        ("subscriptions", "POST", "acknowledge") => "Subscriber/Acknowledge",
+        ("subscriptions", "POST", "modifyAckDeadline") => "Subscriber/ModifyAckDeadline",
+        _ => {
+            call.method = format!("{} {}", parts.method, parts.uri.path());
+            return Err((
+                UNIMPLEMENTED,
+                format!("the test front does not know {}", call.method),
+            ));
+        }
+    }
+    .to_string();
+    call.resource = Some(resource.to_string());
+    check_credentials(state, call)
+}
+
+/// The bearer token must be one the token endpoint issued, not expired,
+/// and not revoked by the test.
+fn check_credentials(state: &State, call: &Call) -> Result<(), (u16, String)> {
+    let Some(token) = &call.token else {
+        return Err((
+            UNAUTHENTICATED,
+            "Request is missing required authentication credential".into(),
+        ));
+    };
+    match state.tokens.lock().unwrap().get(token) {
+        None => return Err((UNAUTHENTICATED, "unknown access token".into())),
+        // A second of grace for a token sent just before it expired.
+        Some(expiry) if *expiry + Duration::from_secs(1) < Instant::now() => {
+            return Err((UNAUTHENTICATED, "the access token expired".into()));
+        }
+        Some(_) => {}
+    }
+    if let Policy::Refuse(code) = *state.policy.lock().unwrap() {
+        return Err((code, "refused by the test (credentials revoked)".into()));
+    }
+    Ok(())
+}
+
+/// Sends an accepted call on to the emulator: gRPC over HTTP/2, REST over
+/// HTTP/1.1 (how the emulator serves each).
+async fn forward(
+    state: &State,
+    parts: http::request::Parts,
+    body: Bytes,
+    grpc: bool,
+) -> Response<Body> {
+    let uri = format!(
+        "http://{}{}",
+        state.emulator,
+        parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/")
+    );
+    let mut req = Request::builder()
+        .method(parts.method)
+        .uri(uri)
+        .body(Full::new(body))
+        .unwrap();
+    *req.headers_mut() = parts.headers;
+    req.headers_mut().remove(http::header::HOST);
+    let answer = if grpc {
+        *req.version_mut() = http::Version::HTTP_2;
+        state.grpc_client.request(req).await
+    } else {
+        state.rest_client.request(req).await
+    };
+    match answer {
+        Ok(response) => response.map(|b| b.boxed()),
+        Err(e) => refusal(grpc, 14, &format!("the emulator behind the front: {e}")),
+    }
+}
+
+/// Pub/Sub's refusal: a trailers-only gRPC answer (HTTP 200 whose headers
+/// carry the status), or a JSON error with the matching HTTP status.
+fn refusal(grpc: bool, code: u16, message: &str) -> Response<Body> {
+    if grpc {
+        return Response::builder()
+            .status(StatusCode::OK)
+            .header("content-type", "application/grpc")
+            .header("grpc-status", code.to_string())
+            .header("grpc-message", percent_encode(message))
+            .body(empty())
+            .unwrap();
+    }
+    let (status, name) = match code {
+        UNAUTHENTICATED => (StatusCode::UNAUTHORIZED, "UNAUTHENTICATED"),
+        PERMISSION_DENIED => (StatusCode::FORBIDDEN, "PERMISSION_DENIED"),
+        UNIMPLEMENTED => (StatusCode::NOT_IMPLEMENTED, "UNIMPLEMENTED"),
+        _ => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
+    };
+    json(
+        status,
+        serde_json::json!({"error": {"code": status.as_u16(), "message": message, "status": name}}),
+    )
+}
+
+/// The OAuth refresh-token grant, as google-cloud-auth sends it (JSON).
+async fn token(state: &State, req: Request<Incoming>) -> Response<Body> {
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let grant: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    if grant["grant_type"] != "refresh_token"
+        || grant["refresh_token"] != REFRESH_TOKEN
+        || grant["client_id"] != CLIENT_ID
+    {
+        return json(
+            StatusCode::BAD_REQUEST,
+            serde_json::json!({"error": "invalid_grant"}),
+        );
+    }
+    let token = issue(state);
+    state.token_requests.fetch_add(1, Ordering::Relaxed);
+    json(
+        StatusCode::OK,
+        serde_json::json!({
+            "access_token": token,
+            "token_type": "Bearer",
+            "expires_in": state.token_lifetime.as_secs(),
+        }),
+    )
+}
+
+/// A fresh token, valid for the front's token lifetime.
+fn issue(state: &State) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let token = format!(
+        "ya29.test-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    );
+    state
+        .tokens
+        .lock()
+        .unwrap()
+        .insert(token.clone(), Instant::now() + state.token_lifetime);
+    token
+}
+
+fn json(status: StatusCode, value: serde_json::Value) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(
+            Full::new(Bytes::from(value.to_string()))
+                .map_err(|never| match never {})
+                .boxed(),
+        )
+        .unwrap()
+}
+
+fn empty() -> Body {
+    Full::new(Bytes::new())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+fn header(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+fn bearer(headers: &HeaderMap) -> Option<String> {
+    header(headers, "authorization")?
+        .strip_prefix("Bearer ")
+        .map(str::to_string)
+}
+
+/// The message of an uncompressed gRPC frame.
+fn grpc_message(body: &[u8]) -> Option<&[u8]> {
+    let (&compressed, rest) = body.split_first()?;
+    let len = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+    (compressed == 0).then_some(rest.get(4..4 + len)?)
+}
+
+/// The resource name a request carries in `field`.
+fn resource(message: &[u8], field: Field) -> Option<String> {
+    let first = field_one(message)?;
+    let name = match field {
+        Field::First => first,
+        Field::FirstOfFirst => field_one(first)?,
+    };
+    String::from_utf8(name.to_vec()).ok()
+}
+
+/// The bytes of field 1 (length-delimited) of a protobuf message.
+fn field_one(mut message: &[u8]) -> Option<&[u8]> {
+    while !message.is_empty() {
+        let key = varint(&mut message)?;
+        match key & 7 {
+            0 => {
+                varint(&mut message)?;
+            }
+            1 => message = message.get(8..)?,
+            5 => message = message.get(4..)?,
+            2 => {
+                let len = varint(&mut message)? as usize;
+                let value = message.get(..len)?;
+                if key >> 3 == 1 {
+                    return Some(value);
+                }
+                message = &message[len..];
+            }
+            _ => return None,
+        }
+    }
+    None
+}
+
+fn varint(buf: &mut &[u8]) -> Option<u64> {
+    let mut value = 0u64;
+    for shift in (0..64).step_by(7) {
+        let (&byte, rest) = buf.split_first()?;
+        *buf = rest;
+        value |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Some(value);
+        }
+    }
+    None
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && let Some(b) = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(b);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b' '..=b'~' if b != b'%' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
