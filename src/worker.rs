@@ -72,6 +72,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), WorkerError> {
     let conn = Connection::new(&config.pubsub, &env)?;
+    conn.check_tls().await?;
     let data_plane: Arc<dyn DataPlane> =
         Arc::new(conn.data_plane().with_pull_timeout(PULL_TIMEOUT));
     run_with(config, env, options, conn, data_plane, shutdown).await
