@@ -124,11 +124,17 @@ impl GrpcDataPlane {
         let headers = match self.credentials.headers(http::Extensions::new()).await {
             Ok(CacheableResource::New { data, .. }) => data,
             Ok(CacheableResource::NotModified) => http::HeaderMap::new(),
+            // The token endpoint (metadata server) down is transient, like
+            // Pub/Sub down: callers retry it. Only a refusal is Unauthenticated.
             Err(e) => {
                 return Err(RpcError {
                     rpc,
-                    code: tonic::Code::Unauthenticated,
-                    message: e.to_string(),
+                    code: if e.is_transient() {
+                        tonic::Code::Unavailable
+                    } else {
+                        tonic::Code::Unauthenticated
+                    },
+                    message: format!("cannot get an access token: {e}"),
                 });
             }
         };
