@@ -122,6 +122,8 @@ struct State {
     /// Issued tokens and when each expires.
     tokens: Mutex<HashMap<String, Instant>>,
     token_requests: AtomicU64,
+    /// False while the token endpoint answers 503.
+    token_endpoint_up: std::sync::atomic::AtomicBool,
     policy: Mutex<Policy>,
     calls: Mutex<Vec<Call>>,
     grpc_client: Client<HttpConnector, Full<Bytes>>,
@@ -206,6 +208,7 @@ impl GoogleFront {
             token_lifetime,
             tokens: Mutex::new(HashMap::new()),
             token_requests: AtomicU64::new(0),
+            token_endpoint_up: std::sync::atomic::AtomicBool::new(true),
             policy: Mutex::new(Policy::Accept),
             calls: Mutex::new(Vec::new()),
             grpc_client,
@@ -248,6 +251,11 @@ impl GoogleFront {
     /// A valid token, as the token endpoint would issue it.
     pub fn issue_token(&self) -> String {
         issue(&self.state)
+    }
+
+    /// Takes the token endpoint down (503) or brings it back.
+    pub fn set_token_endpoint_up(&self, up: bool) {
+        self.state.token_endpoint_up.store(up, Ordering::Relaxed);
     }
 
     /// Accepts or refuses calls from now on.
@@ -559,6 +567,12 @@ fn refusal(grpc: bool, code: u16, message: &str) -> Response<Body> {
 
 /// The OAuth refresh-token grant, as google-cloud-auth sends it (JSON).
 async fn token(state: &State, req: Request<Incoming>) -> Response<Body> {
+    if !state.token_endpoint_up.load(Ordering::Relaxed) {
+        return json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"error": "temporarily_unavailable"}),
+        );
+    }
     let body = req
         .into_body()
         .collect()
