@@ -460,6 +460,16 @@ fn config_connector_resources_match_setup() {
                 granted("roles/pubsub.subscriber", "PubSubSubscription", sub),
                 "subscriber on {sub}"
             );
+            // The check at start reads the subscription; a hand-back
+            // publishes a copy of the task to its own topic.
+            assert!(
+                granted("roles/pubsub.viewer", "PubSubSubscription", sub),
+                "viewer on {sub}"
+            );
+            assert!(
+                granted("roles/pubsub.publisher", "PubSubTopic", topic),
+                "publisher on {topic}"
+            );
         }
     }
     // Workload Identity for both pools' Kubernetes service accounts.
