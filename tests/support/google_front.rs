@@ -2,8 +2,8 @@
 //! production path meets, on this machine.
 //!
 //! - A TLS front (a CA made here, trusted only by processes given
-//!   [`GoogleFront::ca_file`] as `SSL_CERT_FILE`) that forwards gRPC to the
-//!   emulator (`PUBSUB_EMULATOR_HOST`).
+//!   [`GoogleFront::ca_file`] as `SSL_CERT_FILE`) that forwards gRPC and
+//!   HTTP/JSON calls to the emulator (`PUBSUB_EMULATOR_HOST`).
 //! - On every RPC it checks, as Pub/Sub would, the `authorization: Bearer`
 //!   token (issued here, not expired) and, on gRPC, `x-goog-request-params`
 //!   (it must name the topic or subscription the request body is about), and
@@ -38,13 +38,27 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderMap, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+
+#[path = "google_front/checks.rs"]
+mod checks;
+#[path = "google_front/pki.rs"]
+mod pki;
+#[path = "google_front/token.rs"]
+mod token;
+#[path = "google_front/wire.rs"]
+mod wire;
+
+use checks::{check_grpc, check_rest};
+use pki::Pki;
+pub use pki::write_unrelated_ca;
+use wire::{bearer, header, percent_encode};
 
 /// The refresh token in the credentials file; anything else is refused.
 const REFRESH_TOKEN: &str = "leasehold-test-refresh-token";
@@ -85,35 +99,6 @@ pub struct Call {
     pub reason: String,
     /// When it arrived.
     pub at: Instant,
-}
-
-/// Which field of each request names its resource, and the key
-/// `x-goog-request-params` must give it under (as Google's clients send it).
-fn routing(method: &str) -> Option<(&'static str, Field)> {
-    Some(match method {
-        "Publisher/CreateTopic" => ("name", Field::First),
-        "Publisher/UpdateTopic" => ("topic.name", Field::FirstOfFirst),
-        "Publisher/Publish" | "Publisher/GetTopic" | "Publisher/DeleteTopic" => {
-            ("topic", Field::First)
-        }
-        "Subscriber/CreateSubscription" => ("name", Field::First),
-        "Subscriber/UpdateSubscription" => ("subscription.name", Field::FirstOfFirst),
-        "Subscriber/GetSubscription"
-        | "Subscriber/DeleteSubscription"
-        | "Subscriber/Pull"
-        | "Subscriber/Acknowledge"
-        | "Subscriber/ModifyAckDeadline" => ("subscription", Field::First),
-        _ => return None,
-    })
-}
-
-/// Where a request keeps its resource name.
-#[derive(Debug, Clone, Copy)]
-enum Field {
-    /// Field 1 (`GetSubscriptionRequest.subscription`, `Topic.name`, ...).
-    First,
-    /// Field 1 of the message in field 1 (`UpdateTopicRequest.topic.name`).
-    FirstOfFirst,
 }
 
 struct State {
@@ -250,7 +235,7 @@ impl GoogleFront {
 
     /// A valid token, as the token endpoint would issue it.
     pub fn issue_token(&self) -> String {
-        issue(&self.state)
+        token::issue(&self.state)
     }
 
     /// Takes the token endpoint down (503) or brings it back.
@@ -279,57 +264,6 @@ impl Drop for GoogleFront {
         if let Some(rt) = self.runtime.take() {
             rt.shutdown_background();
         }
-    }
-}
-
-/// Writes a CA certificate that signed nothing the front serves: trusting
-/// only it, a client must refuse the front.
-pub fn write_unrelated_ca(path: &Path) {
-    std::fs::write(path, Pki::generate("an unrelated CA").ca_pem).unwrap();
-}
-
-/// A CA and a server certificate for 127.0.0.1 and localhost, signed by it.
-struct Pki {
-    ca_pem: String,
-    server_der: rustls::pki_types::CertificateDer<'static>,
-    server_key_der: Vec<u8>,
-}
-
-impl Pki {
-    fn generate(ca_name: &str) -> Pki {
-        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-        let ca_key = KeyPair::generate().unwrap();
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, ca_name);
-        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-        let issuer = Issuer::new(ca_params, ca_key);
-
-        let server_key = KeyPair::generate().unwrap();
-        let server_params =
-            CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
-        let server_cert = server_params.signed_by(&server_key, &issuer).unwrap();
-        Pki {
-            ca_pem: ca_cert.pem(),
-            server_der: server_cert.der().clone(),
-            server_key_der: server_key.serialize_der(),
-        }
-    }
-
-    fn server_config(&self) -> rustls::ServerConfig {
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(self.server_key_der.clone().into());
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(vec![self.server_der.clone()], key)
-            .unwrap();
-        // gRPC needs h2; the token endpoint client may speak either.
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        config
     }
 }
 
@@ -368,7 +302,7 @@ async fn serve(
 
 async fn handle(state: Arc<State>, req: Request<Incoming>, tls: bool) -> Response<Body> {
     if req.uri().path() == "/token" {
-        return token(&state, req).await;
+        return token::token(&state, req).await;
     }
     if !tls {
         return json(
@@ -406,103 +340,6 @@ async fn handle(state: Arc<State>, req: Request<Incoming>, tls: bool) -> Respons
     }
     state.calls.lock().unwrap().push(call);
     forward(&state, parts, body, grpc).await
-}
-
-/// A gRPC call: credentials, then `x-goog-request-params` naming the
-/// resource its body is about.
-fn check_grpc(
-    state: &State,
-    call: &mut Call,
-    path: &str,
-    body: &[u8],
-) -> Result<(), (u16, String)> {
-    call.method = path.trim_start_matches("/google.pubsub.v1.").to_string();
-    let Some((key, field)) = routing(&call.method) else {
-        return Err((
-            UNIMPLEMENTED,
-            format!("the test front does not know {}", call.method),
-        ));
-    };
-    call.resource = grpc_message(body).and_then(|m| resource(m, field));
-    check_credentials(state, call)?;
-    let Some(resource) = &call.resource else {
-        return Err((PERMISSION_DENIED, "the request names no resource".into()));
-    };
-    let named = call.request_params.as_deref().is_some_and(|params| {
-        params
-            .split('&')
-            .filter_map(|p| p.split_once('='))
-            .any(|(k, v)| k == key && percent_decode(v) == *resource)
-    });
-    if !named {
-        return Err((
-            PERMISSION_DENIED,
-            format!(
-                "x-goog-request-params {:?} does not name {key}={resource}",
-                call.request_params
-            ),
-        ));
-    }
-    Ok(())
-}
-
-/// A REST call (the official admin clients speak HTTP/JSON): credentials;
-/// the URL names the resource, so there is no routing header to check.
-fn check_rest(
-    state: &State,
-    call: &mut Call,
-    parts: &http::request::Parts,
-) -> Result<(), (u16, String)> {
-    let path = parts.uri.path().trim_start_matches("/v1/");
-    let (resource, verb) = path.split_once(':').unwrap_or((path, ""));
-    let kind = resource.split('/').nth(2).unwrap_or("");
-    call.method = match (kind, parts.method.as_str(), verb) {
-        ("topics", "PUT", "") => "Publisher/CreateTopic",
-        ("topics", "PATCH", "") => "Publisher/UpdateTopic",
-        ("topics", "GET", "") => "Publisher/GetTopic",
-        ("topics", "DELETE", "") => "Publisher/DeleteTopic",
-        ("topics", "POST", "publish") => "Publisher/Publish",
-        ("subscriptions", "PUT", "") => "Subscriber/CreateSubscription",
-        ("subscriptions", "PATCH", "") => "Subscriber/UpdateSubscription",
-        ("subscriptions", "GET", "") => "Subscriber/GetSubscription",
-        ("subscriptions", "DELETE", "") => "Subscriber/DeleteSubscription",
-        ("subscriptions", "POST", "pull") => "Subscriber/Pull",
-        ("subscriptions", "POST", "acknowledge") => "Subscriber/Acknowledge",
-        ("subscriptions", "POST", "modifyAckDeadline") => "Subscriber/ModifyAckDeadline",
-        _ => {
-            call.method = format!("{} {}", parts.method, parts.uri.path());
-            return Err((
-                UNIMPLEMENTED,
-                format!("the test front does not know {}", call.method),
-            ));
-        }
-    }
-    .to_string();
-    call.resource = Some(resource.to_string());
-    check_credentials(state, call)
-}
-
-/// The bearer token must be one the token endpoint issued, not expired,
-/// and not revoked by the test.
-fn check_credentials(state: &State, call: &Call) -> Result<(), (u16, String)> {
-    let Some(token) = &call.token else {
-        return Err((
-            UNAUTHENTICATED,
-            "Request is missing required authentication credential".into(),
-        ));
-    };
-    match state.tokens.lock().unwrap().get(token) {
-        None => return Err((UNAUTHENTICATED, "unknown access token".into())),
-        // A second of grace for a token sent just before it expired.
-        Some(expiry) if *expiry + Duration::from_secs(1) < Instant::now() => {
-            return Err((UNAUTHENTICATED, "the access token expired".into()));
-        }
-        Some(_) => {}
-    }
-    if let Policy::Refuse(code) = *state.policy.lock().unwrap() {
-        return Err((code, "refused by the test (credentials revoked)".into()));
-    }
-    Ok(())
 }
 
 /// Sends an accepted call on to the emulator: gRPC over HTTP/2, REST over
@@ -565,58 +402,6 @@ fn refusal(grpc: bool, code: u16, message: &str) -> Response<Body> {
     )
 }
 
-/// The OAuth refresh-token grant, as google-cloud-auth sends it (JSON).
-async fn token(state: &State, req: Request<Incoming>) -> Response<Body> {
-    if !state.token_endpoint_up.load(Ordering::Relaxed) {
-        return json(
-            StatusCode::SERVICE_UNAVAILABLE,
-            serde_json::json!({"error": "temporarily_unavailable"}),
-        );
-    }
-    let body = req
-        .into_body()
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
-    let grant: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-    if grant["grant_type"] != "refresh_token"
-        || grant["refresh_token"] != REFRESH_TOKEN
-        || grant["client_id"] != CLIENT_ID
-    {
-        return json(
-            StatusCode::BAD_REQUEST,
-            serde_json::json!({"error": "invalid_grant"}),
-        );
-    }
-    let token = issue(state);
-    state.token_requests.fetch_add(1, Ordering::Relaxed);
-    json(
-        StatusCode::OK,
-        serde_json::json!({
-            "access_token": token,
-            "token_type": "Bearer",
-            "expires_in": state.token_lifetime.as_secs(),
-        }),
-    )
-}
-
-/// A fresh token, valid for the front's token lifetime.
-fn issue(state: &State) -> String {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let token = format!(
-        "ya29.test-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    );
-    state
-        .tokens
-        .lock()
-        .unwrap()
-        .insert(token.clone(), Instant::now() + state.token_lifetime);
-    token
-}
-
 fn json(status: StatusCode, value: serde_json::Value) -> Response<Body> {
     Response::builder()
         .status(status)
@@ -633,100 +418,4 @@ fn empty() -> Body {
     Full::new(Bytes::new())
         .map_err(|never| match never {})
         .boxed()
-}
-
-fn header(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-}
-
-fn bearer(headers: &HeaderMap) -> Option<String> {
-    header(headers, "authorization")?
-        .strip_prefix("Bearer ")
-        .map(str::to_string)
-}
-
-/// The message of an uncompressed gRPC frame.
-fn grpc_message(body: &[u8]) -> Option<&[u8]> {
-    let (&compressed, rest) = body.split_first()?;
-    let len = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
-    (compressed == 0).then_some(rest.get(4..4 + len)?)
-}
-
-/// The resource name a request carries in `field`.
-fn resource(message: &[u8], field: Field) -> Option<String> {
-    let first = field_one(message)?;
-    let name = match field {
-        Field::First => first,
-        Field::FirstOfFirst => field_one(first)?,
-    };
-    String::from_utf8(name.to_vec()).ok()
-}
-
-/// The bytes of field 1 (length-delimited) of a protobuf message.
-fn field_one(mut message: &[u8]) -> Option<&[u8]> {
-    while !message.is_empty() {
-        let key = varint(&mut message)?;
-        match key & 7 {
-            0 => {
-                varint(&mut message)?;
-            }
-            1 => message = message.get(8..)?,
-            5 => message = message.get(4..)?,
-            2 => {
-                let len = varint(&mut message)? as usize;
-                let value = message.get(..len)?;
-                if key >> 3 == 1 {
-                    return Some(value);
-                }
-                message = &message[len..];
-            }
-            _ => return None,
-        }
-    }
-    None
-}
-
-fn varint(buf: &mut &[u8]) -> Option<u64> {
-    let mut value = 0u64;
-    for shift in (0..64).step_by(7) {
-        let (&byte, rest) = buf.split_first()?;
-        *buf = rest;
-        value |= u64::from(byte & 0x7f) << shift;
-        if byte & 0x80 == 0 {
-            return Some(value);
-        }
-    }
-    None
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && let Some(b) = s
-                .get(i + 1..i + 3)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-        {
-            out.push(b);
-            i += 3;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn percent_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b' '..=b'~' if b != b'%' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
