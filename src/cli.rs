@@ -168,6 +168,7 @@ async fn run_command(command: Command, env: Environment) -> Result<(), ExitCode>
         Command::Setup { config } => {
             let config = load(&config, &env)?;
             let conn = Connection::new(&config.pubsub, &env).map_err(unavailable)?;
+            conn.check_tls().await.map_err(unavailable)?;
             let changes = setup(&conn, &config).await.map_err(unavailable)?;
             for c in changes {
                 let what = match c.action {
@@ -186,6 +187,7 @@ async fn run_command(command: Command, env: Environment) -> Result<(), ExitCode>
                 ExitCode::from(EXIT_CONFIG)
             })?;
             let conn = Connection::new(&config.pubsub, &env).map_err(unavailable)?;
+            conn.check_tls().await.map_err(unavailable)?;
             let task = NewTask {
                 kind: args.kind,
                 task_id: args.task_id,

@@ -91,6 +91,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), WorkerError> {
     let conn = Connection::new(&config.pubsub, &env)?;
+    // One TLS handshake now: a wrong CA is a start-up error (exit 69), not a
+    // worker that stays unready.
+    conn.check_tls().await?;
     let publisher = GooglePublisher::new(conn.clone());
     // Built now, so a bad endpoint is a start-up error, not a lost dead letter.
     publisher.prepare(&config.pubsub.dead_letter_topic).await?;

@@ -453,6 +453,11 @@ fn config_connector_resources_match_setup() {
                     "{principal}: {role} on {sub}"
                 );
             }
+            // A hand-back publishes a copy of the task to its own topic.
+            assert!(
+                granted("roles/pubsub.publisher", "PubSubTopic", topic),
+                "{principal}: publisher on {topic}"
+            );
         }
     }
 }

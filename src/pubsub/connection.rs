@@ -74,6 +74,8 @@ pub struct Connection {
     project: String,
     endpoint: Endpoint,
     credentials: Credentials,
+    /// How the channel reaches the endpoint (TLS included), for [`Connection::check_tls`].
+    transport: tonic::transport::Endpoint,
     /// One HTTP/2 channel shared by every data-plane call (tonic multiplexes).
     channel: tonic::transport::Channel,
 }
@@ -110,8 +112,35 @@ impl Connection {
             project: config.project.clone(),
             endpoint,
             credentials,
+            transport: builder,
             channel,
         })
+    }
+
+    /// One TLS handshake with the endpoint, at start: a certificate the trust
+    /// store refuses (wrong CA, wrong host name, plain HTTP behind an
+    /// `https://` URL) is an error naming the endpoint now, instead of a
+    /// worker that stays unready retrying it. An endpoint that does not
+    /// answer is not an error here; the callers retry it as ever.
+    pub async fn check_tls(&self) -> Result<(), ConnectionError> {
+        if !self.endpoint.url.starts_with("https://") {
+            return Ok(());
+        }
+        match self.transport.connect().await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                if let Some(tls) = tls_failure(&e) {
+                    Err(ConnectionError::Endpoint {
+                        endpoint: self.endpoint.url.clone(),
+                        reason: format!("the TLS handshake failed: {tls}"),
+                    })
+                } else {
+                    tracing::warn!(endpoint = %self.endpoint.url, error = %e,
+                    "Pub/Sub is not reachable yet; retrying in the background");
+                    Ok(())
+                }
+            }
+        }
     }
 
     /// The resolved endpoint.
@@ -180,6 +209,26 @@ impl Connection {
     }
 }
 
+/// The TLS error somewhere in a connection error's chain, if any. (An
+/// `io::Error` hides the error it wraps from `source()`, so look inside.)
+fn tls_failure<'e>(e: &'e (dyn std::error::Error + 'static)) -> Option<&'e rustls::Error> {
+    let mut next = Some(e);
+    while let Some(err) = next {
+        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        let inner = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+        if inner.is_some() {
+            return inner;
+        }
+        next = err.source();
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,6 +238,16 @@ mod tests {
         let mut c = Config::load(&[], &Environment::default()).unwrap().pubsub;
         c.endpoint = endpoint.to_string();
         c
+    }
+
+    #[test]
+    fn a_tls_error_is_found_inside_io_errors_and_nothing_else_is() {
+        let tls = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        let wrapped = std::io::Error::new(std::io::ErrorKind::InvalidData, tls.clone());
+        assert_eq!(tls_failure(&wrapped), Some(&tls));
+        assert_eq!(tls_failure(&tls), Some(&tls));
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert_eq!(tls_failure(&refused), None);
     }
 
     #[test]

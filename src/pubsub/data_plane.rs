@@ -156,11 +156,17 @@ impl GrpcDataPlane {
         let headers = match self.credentials.headers(http::Extensions::new()).await {
             Ok(CacheableResource::New { data, .. }) => data,
             Ok(CacheableResource::NotModified) => http::HeaderMap::new(),
+            // The token endpoint (metadata server) down is transient, like
+            // Pub/Sub down: callers retry it. Only a refusal is Unauthenticated.
             Err(e) => {
                 return Err(RpcError::new(
                     rpc,
-                    tonic::Code::Unauthenticated,
-                    e.to_string(),
+                    if e.is_transient() {
+                        tonic::Code::Unavailable
+                    } else {
+                        tonic::Code::Unauthenticated
+                    },
+                    format!("cannot get an access token: {e}"),
                 ));
             }
         };

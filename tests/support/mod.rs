@@ -61,6 +61,13 @@ impl World {
 
     /// [`World::new`] on a given emulator.
     pub async fn new_on(host: &str, name: &str, extra: &str) -> World {
+        let world = World::without_setup(host, name, extra);
+        world.setup().await;
+        world
+    }
+
+    /// A world whose resources do not exist yet (a test runs `setup` itself).
+    pub fn without_setup(host: &str, name: &str, extra: &str) -> World {
         let dir = tempfile::tempdir().unwrap();
         let id = unique(name);
         let toml = format!(
@@ -95,16 +102,14 @@ listen = "127.0.0.1:0"
         let config =
             Config::load(&config_paths, &env).unwrap_or_else(|e| panic!("test config: {e}"));
         let conn = Connection::new(&config.pubsub, &env).unwrap();
-        let world = World {
+        World {
             dir,
             config_paths,
             config,
             env,
             conn,
             host: host.to_string(),
-        };
-        world.setup().await;
-        world
+        }
     }
 
     /// Runs setup (again).
@@ -174,9 +179,8 @@ listen = "127.0.0.1:0"
         extra_args: &[&str],
         envs: &[(&str, &str)],
     ) -> WorkerProcess {
-        let log = self.path(&format!("{name}.log"));
-        let file = std::fs::File::create(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_leasehold"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_leasehold"));
+        command
             .arg("run")
             .args(self.config_args())
             .args(extra_args)
@@ -184,16 +188,8 @@ listen = "127.0.0.1:0"
             .env("WORKER_NAME", name)
             .env("RUST_LOG", "info")
             .env_remove("LEASEHOLD_LOG_FORMAT")
-            .envs(envs.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .spawn()
-            .unwrap();
-        WorkerProcess {
-            child: Some(child),
-            log,
-        }
+            .envs(envs.iter().copied());
+        WorkerProcess::spawn(command, self.path(&format!("{name}.log")))
     }
 }
 
@@ -204,6 +200,21 @@ pub struct WorkerProcess {
 }
 
 impl WorkerProcess {
+    /// Starts `command` with stdout and stderr to `log`.
+    pub fn spawn(mut command: Command, log: PathBuf) -> WorkerProcess {
+        let file = std::fs::File::create(&log).unwrap();
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        WorkerProcess {
+            child: Some(child),
+            log,
+        }
+    }
+
     /// The process id.
     pub fn pid(&self) -> i32 {
         self.child.as_ref().unwrap().id().cast_signed()
