@@ -1,5 +1,5 @@
 //! Result events: one per ending of a task (`succeeded`, `retrying`,
-//! `dead_lettered`, `released`) on the results topic, for producers and
+//! `dead_lettered`, `released`, `lease_lost`) on the results topic, for producers and
 //! dashboards to follow their tasks. Built here, in one place, and published
 //! in the background: a slow or failing results topic never delays or
 //! changes a task's own disposition.
@@ -28,7 +28,7 @@ pub struct ResultEvent {
     pub executor: String,
     /// The GPU device it ran on, if any.
     pub device: Option<String>,
-    /// `succeeded`, `retrying`, `dead_lettered` or `released`.
+    /// `succeeded`, `retrying`, `dead_lettered`, `released` or `lease_lost`.
     pub outcome: String,
     /// 1-based delivery attempt.
     pub attempt: u32,

@@ -181,9 +181,15 @@ impl GrpcDataPlane {
 }
 
 fn rpc_error(rpc: &'static str, status: &tonic::Status) -> RpcError {
+    // tonic enforces the request's timeout itself and reports it as
+    // Cancelled; it is the deadline that passed.
+    let code = match (status.code(), status.message()) {
+        (tonic::Code::Cancelled, "Timeout expired") => tonic::Code::DeadlineExceeded,
+        (code, _) => code,
+    };
     RpcError {
         failed_ids: super::ack_errors::failed_ids(status),
-        ..RpcError::new(rpc, status.code(), status.message())
+        ..RpcError::new(rpc, code, status.message())
     }
 }
 
