@@ -152,6 +152,10 @@ fn bad_values_name_their_key() {
             "handlers.x.timeout",
         ),
         (
+            "[lease]\nmax_lease = \"1h\"\n[handlers.x]\nexecutor = \"cpu\"\ncommand = [\"a\"]\ntimeout = \"2h\"",
+            "handlers.x.timeout",
+        ),
+        (
             "[handlers.x]\nexecutor = \"cpu\"\ncommand = [\"a\"]\nretries = 3",
             "handlers.x.retries",
         ),
