@@ -13,7 +13,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::{Config, EXIT_CONFIG, Environment};
 use crate::pubsub::Connection;
-use crate::pubsub::admin::{Action, setup};
+use crate::pubsub::admin::{Action, ContractError, setup};
 use crate::pubsub::producer::{NewTask, PublishError, publish_tasks};
 use crate::worker::{RunOptions, WorkerError};
 
@@ -220,10 +220,14 @@ async fn run_command(command: Command, env: Environment) -> Result<(), ExitCode>
                 .map_err(|e| match e {
                     e @ (WorkerError::Executor(_)
                     | WorkerError::Listen { .. }
-                    | WorkerError::Config(_)) => {
+                    | WorkerError::Config(_)
+                    | WorkerError::Subscription(
+                        ContractError::Missing(_) | ContractError::Drifted { .. },
+                    )) => {
                         eprintln!("leasehold: {e}");
                         ExitCode::from(EXIT_CONFIG)
                     }
+                    e @ WorkerError::Subscription(_) => unavailable(e),
                     WorkerError::Connection(e) => unavailable(e),
                 })
         }

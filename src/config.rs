@@ -343,8 +343,9 @@ impl Config {
     /// The subscription's dead-letter policy bound: a safety net above the
     /// worker's own `max_attempts`, within Pub/Sub's 5..=100.
     pub fn max_delivery_attempts(&self) -> i32 {
-        // Two spare deliveries: a release at shutdown or a lost lease also
-        // counts as a delivery, and must not dead-letter a task early.
+        // Two spare deliveries: a lost lease, or a hand-back whose copy could
+        // not be published (then a plain release), also counts as a delivery,
+        // and must not dead-letter a task early.
         i32::try_from(self.retry.max_attempts.saturating_add(2)).map_or(100, |n| n.clamp(5, 100))
     }
 }

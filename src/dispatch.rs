@@ -22,6 +22,7 @@ use crate::config::RetryConfig;
 use crate::dead_letter::DeadLetters;
 use crate::disposition::{Disposition, backoff, decide};
 use crate::executor::{Executor, Slot};
+use crate::hand_back::HandBack;
 use crate::handler::{Failure, Handler, HandlerRegistry, Outcome, Ran, Registered, RunContext};
 use crate::lease::{Interruption, Lease};
 use crate::metrics::Metrics;
@@ -74,6 +75,8 @@ pub struct DispatcherParts {
     pub registry: Arc<HandlerRegistry>,
     /// Where tasks that will never succeed go.
     pub dead_letters: DeadLetters,
+    /// Where unfinished tasks go back to at shutdown.
+    pub hand_back: HandBack,
     /// Result events.
     pub results: Results,
     /// Attempts and backoff.
@@ -123,7 +126,7 @@ impl Dispatcher {
                 Err(e) => return self.refuse(&received, lease, &e.to_string()).await,
             };
             let ran = self.run(&task, handler, &slot, &lease).await;
-            let disposition = decide(&ran.outcome, task.attempt, &self.parts.retry);
+            let disposition = decide(&ran.outcome, (&task).into(), &self.parts.retry);
             self.end(&received, &task, lease, &disposition, &ran.outcome)
                 .await;
             self.parts
@@ -252,8 +255,9 @@ impl Dispatcher {
                 lease.retry_after(*after);
             }
             Disposition::Release => {
-                tracing::warn!("task interrupted by shutdown; releasing it for another worker");
-                lease.release();
+                let how = self.parts.hand_back.send(task, lease).await;
+                tracing::warn!(handed_back = ?how, interruptions = task.interruptions + 1,
+                    "task interrupted by shutdown; handed back for another worker, its retry budget kept");
             }
             Disposition::LeaseLost => {
                 tracing::error!(

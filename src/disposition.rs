@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use crate::config::RetryConfig;
 use crate::handler::{Failure, Outcome};
+use crate::task::Task;
 
 /// The fate of a message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,8 +53,31 @@ pub fn backoff(attempt: u32, retry: &RetryConfig) -> Duration {
         .min(retry.max_backoff)
 }
 
-/// Decides the disposition of attempt `attempt` (1-based) that ended with `outcome`.
-pub fn decide(outcome: &Outcome, attempt: u32, retry: &RetryConfig) -> Disposition {
+/// Which attempt of a task ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attempt {
+    /// Failed attempts before this one + 1.
+    pub number: u32,
+    /// Whether Pub/Sub counts deliveries (a dead-letter policy is set). If it
+    /// does not, retries cannot be counted, so a failure is not retried.
+    pub counted: bool,
+}
+
+impl From<&Task> for Attempt {
+    fn from(task: &Task) -> Attempt {
+        Attempt {
+            number: task.attempt,
+            counted: task.attempts_known,
+        }
+    }
+}
+
+/// Decides the disposition of `attempt` that ended with `outcome`.
+pub fn decide(outcome: &Outcome, attempt: Attempt, retry: &RetryConfig) -> Disposition {
+    let Attempt {
+        number: attempt,
+        counted,
+    } = attempt;
     match outcome {
         Outcome::Succeeded { .. } => Disposition::Ack,
         Outcome::Failed {
@@ -72,6 +96,13 @@ pub fn decide(outcome: &Outcome, attempt: u32, retry: &RetryConfig) -> Dispositi
                 reason: format!("{failure}; gave up after {attempt} attempts"),
             }
         }
+        Outcome::Failed { failure, .. } if !counted => Disposition::DeadLetter {
+            reason: format!(
+                "{failure}; not retried: the message carries no delivery attempt (its \
+                 subscription has no dead-letter policy; run `leasehold setup`), so retries \
+                 could not be counted and would never end"
+            ),
+        },
         Outcome::Failed { .. } => Disposition::Retry {
             after: backoff(attempt, retry),
         },
@@ -88,6 +119,38 @@ mod tests {
             min_backoff: Duration::from_secs(10),
             max_backoff: Duration::from_secs(360),
         }
+    }
+
+    fn counted(number: u32) -> Attempt {
+        Attempt {
+            number,
+            counted: true,
+        }
+    }
+
+    #[test]
+    fn without_a_delivery_count_a_failure_is_dead_lettered_at_once_with_why() {
+        let uncounted = Attempt {
+            number: 1,
+            counted: false,
+        };
+        let exit = failed(Failure::Exit {
+            code: 3,
+            permanent: false,
+        });
+        assert!(matches!(
+            decide(&exit, uncounted, &retry()),
+            Disposition::DeadLetter { reason } if reason.contains("no delivery attempt")
+        ));
+        // Success and interruption do not depend on the count.
+        assert_eq!(
+            decide(&Outcome::Succeeded { result: None }, uncounted, &retry()),
+            Disposition::Ack
+        );
+        assert_eq!(
+            decide(&failed(Failure::Interrupted), uncounted, &retry()),
+            Disposition::Release
+        );
     }
 
     fn failed(failure: Failure) -> Outcome {
@@ -164,21 +227,25 @@ mod tests {
         ];
         for (outcome, attempt, want) in cases {
             assert_eq!(
-                decide(&outcome, attempt, &retry()),
+                decide(&outcome, counted(attempt), &retry()),
                 want,
                 "{outcome:?} at {attempt}"
             );
         }
         assert!(matches!(
-            decide(&exit(65, true), 1, &retry()),
+            decide(&exit(65, true), counted(1), &retry()),
             Disposition::DeadLetter { reason } if reason.contains("65") && reason.contains("permanent")
         ));
         assert!(matches!(
-            decide(&exit(1, false), 6, &retry()),
+            decide(&exit(1, false), counted(6), &retry()),
             Disposition::DeadLetter { reason } if reason.contains("after 6 attempts")
         ));
         assert!(matches!(
-            decide(&failed(Failure::BadInput("no".into())), 1, &retry()),
+            decide(
+                &failed(Failure::BadInput("no".into())),
+                counted(1),
+                &retry()
+            ),
             Disposition::DeadLetter { .. }
         ));
     }

@@ -15,7 +15,8 @@
 //!   extends, acks and releases in batches.
 //! - [`dispatch`]: decode ([`task`]), route to the kind's [`handler`], run in
 //!   the [`executor`]'s slot, decide the [`disposition`], end the lease.
-//! - [`dead_letter`], [`results`]: what is published about a task.
+//! - [`dead_letter`], [`results`]: what is published about a task;
+//!   [`hand_back`]: a task interrupted by shutdown goes back as a copy.
 //! - [`worker`]: all of the above per executor, plus the shutdown sequence.
 //!
 //! Around them: [`config`] (layered, validated configuration), [`pubsub`]
@@ -34,6 +35,7 @@ pub mod dispatch;
 pub mod disposition;
 pub mod emulator;
 pub mod executor;
+pub mod hand_back;
 pub mod handler;
 pub mod health;
 pub mod http;

@@ -7,7 +7,8 @@
 //! - [`publisher`]: what the worker publishes (dead letters, result events),
 //!   behind the narrow [`Publisher`] trait (the official publisher).
 //! - [`producer`]: publishing tasks (`leasehold publish`, `leasehold dev`).
-//! - [`admin`]: `leasehold setup`, idempotent topic and subscription creation.
+//! - [`subscriptions`]: what every subscription must look like;
+//!   [`admin`]: `leasehold setup` (creates it, fixes drift) and `run`'s check.
 
 mod ack_errors;
 pub mod admin;
@@ -15,6 +16,7 @@ pub mod connection;
 pub mod data_plane;
 pub mod producer;
 pub mod publisher;
+pub mod subscriptions;
 
 pub use connection::{Connection, ConnectionError, Endpoint};
 pub use data_plane::{DataPlane, FailedIds, GrpcDataPlane, RpcError};

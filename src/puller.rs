@@ -14,10 +14,11 @@ use tokio_util::task::TaskTracker;
 
 use crate::dispatch::Dispatcher;
 use crate::executor::Executor;
+use crate::hand_back::HandBack;
 use crate::health::Activity;
 use crate::lease::{Lease, LeaseHandle};
 use crate::metrics::Metrics;
-use crate::pubsub::DataPlane;
+use crate::pubsub::{DataPlane, ReceivedMessage};
 
 /// Pub/Sub returns at most 1,000 messages per Pull.
 pub const MAX_PULL: usize = 1_000;
@@ -34,6 +35,8 @@ pub struct Puller {
     pub lease: LeaseHandle,
     /// Runs what was pulled.
     pub dispatcher: Arc<Dispatcher>,
+    /// Gives back what was pulled but cannot start here.
+    pub hand_back: HandBack,
     /// Where task futures are spawned, so shutdown can wait for them.
     pub tracker: TaskTracker,
     /// Counters.
@@ -44,6 +47,18 @@ pub struct Puller {
     pub activity: Arc<Activity>,
     /// Most messages one loop asks for.
     pub max_per_pull: usize,
+}
+
+impl Puller {
+    /// Hands messages back unstarted (in the background, on the tracker, so
+    /// shutdown waits for it): they keep their retry budget.
+    fn give_back(&self, messages: Vec<ReceivedMessage>, leases: Vec<Lease>) {
+        for (message, lease) in messages.into_iter().zip(leases) {
+            let hand_back = self.hand_back.clone();
+            self.tracker
+                .spawn(async move { hand_back.unstarted(&message, lease).await });
+        }
+    }
 }
 
 /// How many loops an executor of `slots` slots runs.
@@ -114,16 +129,17 @@ impl Puller {
                 .hold(messages.iter().map(|m| m.ack_id.clone()).collect());
             if self.stop.is_cancelled() {
                 tracing::info!(subscription = %label, messages = messages.len(),
-                    "shutting down: releasing messages pulled after the stop");
-                leases.into_iter().for_each(Lease::release);
+                    "shutting down: handing back messages pulled after the stop");
+                self.give_back(messages, leases);
                 return;
             }
+            let mut messages = messages;
             if leases.len() > permits.len() {
                 // Pub/Sub gave more than asked for: never hold what cannot start.
                 let extra = leases.split_off(permits.len());
                 tracing::warn!(subscription = %label, asked = permits.len(), extra = extra.len(),
-                    "Pull returned more messages than asked for; releasing the extra ones at once");
-                extra.into_iter().for_each(Lease::release);
+                    "Pull returned more messages than asked for; handing the extra ones back at once");
+                self.give_back(messages.split_off(permits.len()), extra);
             }
             for ((message, lease), permit) in
                 messages.into_iter().zip(leases).zip(permits.drain(..))

@@ -13,7 +13,7 @@ use tokio_util::task::TaskTracker;
 use crate::disposition::Disposition;
 use crate::handler::{Failure, Outcome, Ran};
 use crate::pubsub::{Outgoing, Publisher, ReceivedMessage};
-use crate::task::{KIND_ATTRIBUTE, TASK_ID_ATTRIBUTE, Task};
+use crate::task::{INTERRUPTIONS_ATTRIBUTE, KIND_ATTRIBUTE, TASK_ID_ATTRIBUTE, Task};
 
 /// The JSON body of a result event (DESIGN.md, "Result event").
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -30,8 +30,10 @@ pub struct ResultEvent {
     pub device: Option<String>,
     /// `succeeded`, `retrying`, `dead_lettered`, `released` or `lease_lost`.
     pub outcome: String,
-    /// 1-based delivery attempt.
+    /// Failed attempts before this one + 1 (interruptions do not count).
     pub attempt: u32,
+    /// Times the task had been handed back unfinished before this run.
+    pub interruptions: u32,
     /// The handler's exit code, when it exited.
     pub exit_code: Option<i32>,
     /// Why it failed.
@@ -114,6 +116,7 @@ impl Results {
                 device: place.device.map(str::to_string),
                 outcome: disposition.label().to_string(),
                 attempt: task.attempt,
+                interruptions: task.interruptions,
                 exit_code,
                 error,
                 stderr,
@@ -140,6 +143,9 @@ impl Results {
                 device: None,
                 outcome: "dead_lettered".into(),
                 attempt: received.delivery_attempt.max(1).unsigned_abs(),
+                interruptions: attribute(INTERRUPTIONS_ATTRIBUTE)
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0),
                 exit_code: None,
                 error: Some(reason.to_string()),
                 stderr: None,

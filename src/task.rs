@@ -10,6 +10,12 @@ use crate::pubsub::ReceivedMessage;
 pub const KIND_ATTRIBUTE: &str = "kind";
 /// Attribute with the producer's task id (defaults to the message id).
 pub const TASK_ID_ATTRIBUTE: &str = "task_id";
+/// On a copy handed back unfinished: the failed attempts of the original.
+pub const FAILURES_ATTRIBUTE: &str = "leasehold_failures";
+/// On a copy handed back unfinished: how often the task was handed back.
+pub const INTERRUPTIONS_ATTRIBUTE: &str = "leasehold_interruptions";
+/// On a copy handed back unfinished: the original's publish time (RFC 3339).
+pub const PUBLISHED_ATTRIBUTE: &str = "leasehold_published";
 
 /// One unit of work, as the dispatcher and handlers see it.
 #[derive(Debug, Clone, PartialEq)]
@@ -24,10 +30,17 @@ pub struct Task {
     pub attributes: BTreeMap<String, String>,
     /// The payload, given to the handler on stdin.
     pub data: Vec<u8>,
-    /// 1-based delivery attempt. Pub/Sub counts it only on subscriptions
-    /// with a dead-letter policy (which `setup` always sets); 1 otherwise.
+    /// Failed attempts so far + 1: the failures a handed-back copy carries
+    /// plus this message's own delivery attempt. Interruptions do not count.
     pub attempt: u32,
-    /// When the producer published it (for queue-wait metrics and handlers).
+    /// Whether Pub/Sub counted this message's deliveries. It does only on a
+    /// subscription with a dead-letter policy; without the count a failure
+    /// could be retried forever, so it is not retried at all.
+    pub attempts_known: bool,
+    /// Times the task was handed back unfinished (shutdown, preemption).
+    pub interruptions: u32,
+    /// When the producer published it (the original's time for a handed-back
+    /// copy): queue-wait metrics and handlers.
     pub publish_time: Option<OffsetDateTime>,
 }
 
@@ -44,6 +57,9 @@ pub enum DecodeError {
     /// Pub/Sub delivered an ack id without a message.
     #[error("the received message has no body")]
     NoBody,
+    /// A `leasehold_*` attribute that leasehold sets itself has a bad value.
+    #[error("the message's `{0}` attribute is not what leasehold writes there: {1:?}")]
+    BadReserved(&'static str, String),
 }
 
 impl Task {
@@ -83,13 +99,30 @@ impl Task {
             .remove(TASK_ID_ATTRIBUTE)
             .filter(|t| !t.is_empty())
             .unwrap_or_else(|| message_id.clone());
+        let count = |attributes: &mut BTreeMap<String, String>, name: &'static str| {
+            attributes.remove(name).map_or(Ok(0), |v| {
+                v.parse::<u32>()
+                    .map_err(|_| DecodeError::BadReserved(name, v))
+            })
+        };
+        let failures = count(&mut attributes, FAILURES_ATTRIBUTE)?;
+        let interruptions = count(&mut attributes, INTERRUPTIONS_ATTRIBUTE)?;
+        let publish_time = match attributes.remove(PUBLISHED_ATTRIBUTE) {
+            Some(t) => Some(
+                OffsetDateTime::parse(&t, &time::format_description::well_known::Rfc3339)
+                    .map_err(|_| DecodeError::BadReserved(PUBLISHED_ATTRIBUTE, t))?,
+            ),
+            None => publish_time,
+        };
         Ok(Task {
             kind,
             task_id,
             message_id,
             attributes,
             data,
-            attempt: delivery_attempt.max(1).unsigned_abs(),
+            attempt: failures.saturating_add(delivery_attempt.max(1).unsigned_abs()),
+            attempts_known: delivery_attempt > 0,
+            interruptions,
             publish_time,
         })
     }
@@ -156,6 +189,54 @@ mod tests {
             ..received
         };
         assert_eq!(Task::from_received(&empty), Err(DecodeError::NoBody));
+    }
+
+    #[test]
+    fn a_handed_back_copy_keeps_its_failures_interruptions_and_publish_time() {
+        let t = Task::decode(
+            "copy".into(),
+            attrs(&[
+                ("kind", "k"),
+                ("task_id", "t-1"),
+                ("leasehold_failures", "2"),
+                ("leasehold_interruptions", "11"),
+                ("leasehold_published", "2026-01-02T03:04:05Z"),
+                ("scene", "a"),
+            ]),
+            vec![],
+            1,
+            None,
+        )
+        .unwrap();
+        assert_eq!((t.attempt, t.interruptions), (3, 11));
+        assert_eq!(t.publish_time.unwrap().unix_timestamp(), 1_767_323_045);
+        assert_eq!(t.attributes, attrs(&[("scene", "a")]), "not passed on");
+        // A retried copy: Pub/Sub's count adds to what it carries.
+        let t = Task::decode(
+            "copy".into(),
+            attrs(&[("kind", "k"), ("leasehold_failures", "2")]),
+            vec![],
+            3,
+            None,
+        )
+        .unwrap();
+        assert_eq!(t.attempt, 5);
+        assert!(t.attempts_known);
+        let unknown = Task::decode("m".into(), attrs(&[("kind", "k")]), vec![], 0, None).unwrap();
+        assert!(!unknown.attempts_known);
+        assert_eq!(
+            Task::decode(
+                "m".into(),
+                attrs(&[("kind", "k"), ("leasehold_failures", "many")]),
+                vec![],
+                1,
+                None
+            ),
+            Err(DecodeError::BadReserved(
+                "leasehold_failures",
+                "many".into()
+            ))
+        );
     }
 
     #[test]

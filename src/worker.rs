@@ -24,10 +24,12 @@ use crate::config::{Config, ConfigError, Environment};
 use crate::dead_letter::DeadLetters;
 use crate::dispatch::{Dispatcher, DispatcherParts};
 use crate::executor::{Executor, ExecutorError};
+use crate::hand_back::HandBack;
 use crate::handler::HandlerRegistry;
 use crate::health::Health;
 use crate::lease::{LeaseLoop, LeaseLoopOptions};
 use crate::metrics::Metrics;
+use crate::pubsub::admin::ContractError;
 use crate::pubsub::{Connection, ConnectionError, DataPlane, GooglePublisher, Publisher};
 use crate::puller::{MAX_PULL, Puller, pull_loops};
 use crate::results::Results;
@@ -72,6 +74,9 @@ pub enum WorkerError {
     /// An executor could not be built (e.g. no GPU found).
     #[error(transparent)]
     Executor(#[from] ExecutorError),
+    /// A task subscription is missing or breaks the contract.
+    #[error(transparent)]
+    Subscription(#[from] ContractError),
     /// `http.listen` could not be bound.
     #[error("cannot listen on http.listen {addr}: {source}")]
     Listen {
@@ -90,10 +95,14 @@ pub async fn run(
     options: RunOptions,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), WorkerError> {
+    // What the configuration alone decides fails first, before anything connects.
+    let prepared = Prepared::new(&config, &env)?;
     let conn = Connection::new(&config.pubsub, &env)?;
     // One TLS handshake now: a wrong CA is a start-up error (exit 69), not a
     // worker that stays unready.
     conn.check_tls().await?;
+    // The subscriptions keep the contract retries and dead letters rely on.
+    crate::pubsub::admin::check(&conn, &config).await?;
     let publisher = GooglePublisher::new(conn.clone());
     // Built now, so a bad endpoint is a start-up error, not a lost dead letter.
     publisher.prepare(&config.pubsub.dead_letter_topic).await?;
@@ -104,7 +113,7 @@ pub async fn run(
         data_plane: Arc::new(conn.data_plane().with_pull_timeout(PULL_TIMEOUT)),
         publisher: Arc::new(publisher),
     };
-    run_with(config, env, options, clients, shutdown).await
+    run_prepared(config, env, options, prepared, clients, shutdown).await
 }
 
 /// [`run`] over given clients (fakes in unit tests, a recording data plane
@@ -116,12 +125,44 @@ pub async fn run_with(
     clients: Clients,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), WorkerError> {
-    let metrics = options.metrics.clone().unwrap_or_default();
-    let registry = Arc::new(HandlerRegistry::from_config(&config)?);
-    let mut executors = Vec::new();
-    for (name, executor) in config.enabled_executors() {
-        executors.push(Arc::new(Executor::build(name, executor, &env)?));
+    let prepared = Prepared::new(&config, &env)?;
+    run_prepared(config, env, options, prepared, clients, shutdown).await
+}
+
+/// What the worker builds from its configuration alone (handlers, executors,
+/// GPU discovery), so a bad one is refused before anything connects.
+struct Prepared {
+    registry: Arc<HandlerRegistry>,
+    executors: Vec<Arc<Executor>>,
+}
+
+impl Prepared {
+    fn new(config: &Config, env: &Environment) -> Result<Prepared, WorkerError> {
+        let registry = Arc::new(HandlerRegistry::from_config(config)?);
+        let mut executors = Vec::new();
+        for (name, executor) in config.enabled_executors() {
+            executors.push(Arc::new(Executor::build(name, executor, env)?));
+        }
+        Ok(Prepared {
+            registry,
+            executors,
+        })
     }
+}
+
+async fn run_prepared(
+    config: Config,
+    env: Environment,
+    options: RunOptions,
+    prepared: Prepared,
+    clients: Clients,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), WorkerError> {
+    let Prepared {
+        registry,
+        executors,
+    } = prepared;
+    let metrics = options.metrics.clone().unwrap_or_default();
     let health = Arc::new(Health::default());
     let stop_http = CancellationToken::new();
     let addr = crate::http::serve(
@@ -234,6 +275,8 @@ impl Running {
             (*metrics).clone(),
         );
         self.lease_loops.spawn(lease_task);
+        let topic = &config.executors[executor.name()].topic;
+        let hand_back = HandBack::new(clients.publisher.clone(), topic);
         let dispatcher = Dispatcher::new(
             executor.clone(),
             DispatcherParts {
@@ -243,6 +286,7 @@ impl Running {
                     &config.pubsub.dead_letter_topic,
                     &subscription,
                 ),
+                hand_back: hand_back.clone(),
                 results: shared.results.clone(),
                 retry: config.retry.clone(),
                 stop: self.stop_handlers.clone(),
@@ -261,6 +305,7 @@ impl Running {
             subscription_path,
             lease,
             dispatcher,
+            hand_back,
             tracker: self.tracker.clone(),
             metrics: (*metrics).clone(),
             stop: self.stop_pulling.clone(),

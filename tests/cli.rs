@@ -139,6 +139,36 @@ async fn setup_is_idempotent_and_sets_the_dead_letter_policy() {
         cpu.retry_policy.is_none(),
         "the worker's backoff is the only delay"
     );
+    // Nothing expires: every subscription has an expiration policy without
+    // a ttl (the emulator reports it as `{}`), and dead letters are kept 7 days.
+    let config = &world.config;
+    let mut names: Vec<String> = ["cpu", "gpu"]
+        .iter()
+        .map(|e| world.subscription(&config.executors[*e].subscription))
+        .collect();
+    names.push(world.subscription(&config.pubsub.results_topic));
+    let dead = world.subscription(&config.pubsub.dead_letter_topic);
+    names.push(dead.clone());
+    for name in &names {
+        let s = subs
+            .get_subscription()
+            .set_subscription(name)
+            .send()
+            .await
+            .unwrap();
+        let never = s
+            .expiration_policy
+            .as_ref()
+            .is_some_and(|e| e.ttl.is_none());
+        assert!(never, "{name}: {:?}", s.expiration_policy);
+        if *name == dead {
+            assert_eq!(
+                s.message_retention_duration.map(|d| d.seconds()),
+                Some(7 * 24 * 3600),
+                "{name}"
+            );
+        }
+    }
 
     // Drift is corrected: change the ack deadline in the config and set up again.
     let changed = world.path("changed.toml");

@@ -223,7 +223,7 @@ async fn a_succeeding_handlers_result_json_arrives_in_its_succeeded_event() {
 /// grace + `kill_grace` + a few seconds, and a second worker finishes the task
 /// within seconds (attempt 2), not after the ack deadline.
 #[tokio::test(flavor = "multi_thread")]
-async fn sigterm_past_grace_releases_the_task_to_another_worker_at_once() {
+async fn sigterm_past_grace_hands_the_task_to_another_worker_at_once() {
     let runs = tempfile::NamedTempFile::new().unwrap();
     let extra = format!(
         "[pubsub]\nack_deadline = \"60s\"\n[shutdown]\ngrace = \"2s\"\nkill_grace = \"1s\"\n{FAST_RETRY}{}",
@@ -249,12 +249,13 @@ async fn sigterm_past_grace_releases_the_task_to_another_worker_at_once() {
         "{:?}",
         t0.elapsed()
     );
-    assert!(first.log().contains("releasing"), "{}", first.log());
+    assert!(first.log().contains("handed back"), "{}", first.log());
 
     let _second = world.spawn_worker("second", &[]);
     let restart = second_worker_finishes(runs.path(), 30).await;
     let ev = events(runs.path());
-    assert_eq!(restart.attempt, 2, "{ev:?}");
+    // An interruption is not a failure: still the first attempt.
+    assert_eq!(restart.attempt, 1, "{ev:?}");
     // Within seconds of the release, far less than the 60 s ack deadline.
     let released_at = ev[0].at_ms + 2_000;
     assert!(

@@ -501,3 +501,69 @@ async fn a_wrong_ca_is_a_start_up_error_naming_the_endpoint() {
         assert!(log.contains("certificate"), "{args:?} says why: {log}");
     }
 }
+
+/// A worker whose role lacks `pubsub.subscriptions.get` cannot check its
+/// subscription at start: it says so once and runs. A message that then
+/// arrives without a delivery count (the subscription has no dead-letter
+/// policy) is dead-lettered on its first failure with the reason, never
+/// retried forever.
+#[tokio::test(flavor = "multi_thread")]
+async fn unreadable_subscriptions_are_warned_about_and_uncounted_failures_dead_lettered_once() {
+    let runs = tempfile::NamedTempFile::new().unwrap();
+    let script = format!("echo run >> {}; exit 3", runs.path().display());
+    let extra = format!(
+        "[handlers.broken]\nexecutor = \"cpu\"\ncommand = [\"/bin/sh\", \"-c\", {}]\n\
+         [retry]\nmax_attempts = 3\nmin_backoff = \"1s\"\nmax_backoff = \"2s\"\n",
+        toml_string(&script)
+    );
+    let p = Production::new("unreadable", &extra, Duration::from_secs(300));
+    p.world.setup().await;
+    // Someone else's subscription: no dead-letter policy, so no delivery count.
+    let sub = p.world.cpu_subscription();
+    p.world
+        .conn
+        .subscription_admin()
+        .await
+        .unwrap()
+        .update_subscription()
+        .set_subscription(
+            google_cloud_pubsub::model::Subscription::new()
+                .set_name(&sub)
+                .set_topic(
+                    p.world
+                        .conn
+                        .topic_path(&p.world.config.executors["cpu"].topic),
+                ),
+        )
+        .set_update_mask(google_cloud_wkt::FieldMask::default().set_paths(["dead_letter_policy"]))
+        .send()
+        .await
+        .unwrap();
+    p.front.set_policy(Policy::RefuseMethod(
+        "Subscriber/GetSubscription".into(),
+        PERMISSION_DENIED,
+    ));
+    let worker = p.worker("w1");
+    p.world.publish(&[task("broken", "b-1", "{}")]).await;
+    let dead = p
+        .world
+        .subscription(&p.world.config.pubsub.dead_letter_topic);
+    let mut got = Vec::new();
+    let start = Instant::now();
+    while got.is_empty() && start.elapsed() < Duration::from_secs(30) {
+        got = p.world.pull_for(&dead, Duration::from_secs(1)).await;
+    }
+    assert_eq!(got.len(), 1, "{}", worker.log());
+    let attributes = &got[0].message.as_ref().unwrap().attributes;
+    let reason = &attributes["leasehold_error"];
+    assert!(reason.contains("no delivery attempt"), "{reason}");
+    // Nothing more: no retry loop.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(lines(runs.path()).len(), 1, "ran once");
+    let log = worker.log();
+    assert_eq!(
+        log.matches("may not read the subscription").count(),
+        1,
+        "warned once: {log}"
+    );
+}

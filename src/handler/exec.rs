@@ -62,6 +62,10 @@ pub fn task_environment(task: &Task, result_file: &std::path::Path) -> Vec<(Stri
         ("LEASEHOLD_MESSAGE_ID".to_string(), task.message_id.clone()),
         ("LEASEHOLD_ATTEMPT".to_string(), task.attempt.to_string()),
         (
+            "LEASEHOLD_INTERRUPTIONS".to_string(),
+            task.interruptions.to_string(),
+        ),
+        (
             "LEASEHOLD_RESULT_FILE".to_string(),
             result_file.display().to_string(),
         ),

@@ -1,12 +1,14 @@
 //! `leasehold setup`: the topics and subscriptions a configuration names,
-//! created when missing and brought in line when they drift. Running it
-//! twice changes nothing the second time.
+//! created when missing and brought in line when they drift (the contract is
+//! in [`subscriptions`]). Running it twice changes nothing the second time.
+//! And `run`'s [`check`] of that contract at start.
 
 use google_cloud_gax::error::rpc::Code;
-use google_cloud_pubsub::model::{DeadLetterPolicy, Subscription};
+use google_cloud_pubsub::model::Subscription;
 use google_cloud_wkt::FieldMask;
 
 use crate::config::Config;
+use crate::pubsub::subscriptions::{self, Drift, Wanted};
 use crate::pubsub::{Connection, ConnectionError};
 
 /// What setup did to one resource.
@@ -65,55 +67,14 @@ fn has_code(e: &google_cloud_pubsub::Error, code: Code) -> bool {
     e.status().is_some_and(|s| s.code == code)
 }
 
-/// The subscription a configuration wants, with its full settings.
-struct Wanted {
-    name: String,
-    topic: String,
-    ack_deadline_seconds: i32,
-    dead_letter_policy: Option<DeadLetterPolicy>,
-}
-
 /// Creates or fixes every resource `config` names; returns one line per resource.
 pub async fn setup(conn: &Connection, config: &Config) -> Result<Vec<Change>, SetupError> {
     let topics = conn.topic_admin().await?;
     let subs = conn.subscription_admin().await?;
     let mut changes = Vec::new();
-    let ack_deadline_seconds = i32::try_from(config.pubsub.ack_deadline.as_secs()).unwrap_or(600);
-
-    // Dead letters and results are kept in a subscription of the same name,
-    // so they can be read (and are not discarded for lack of a subscriber).
-    let mut kept: Vec<&str> = vec![&config.pubsub.dead_letter_topic];
-    if !config.pubsub.results_topic.is_empty() {
-        kept.push(&config.pubsub.results_topic);
-    }
-    let mut topic_ids = kept.clone();
-    let mut wanted = Vec::new();
-    for (_, executor) in config.enabled_executors() {
-        topic_ids.push(&executor.topic);
-        wanted.push(Wanted {
-            name: conn.subscription_path(&executor.subscription),
-            topic: conn.topic_path(&executor.topic),
-            ack_deadline_seconds,
-            // The safety net for messages that crash or hang every worker:
-            // Pub/Sub itself moves them to the dead-letter topic.
-            dead_letter_policy: Some(
-                DeadLetterPolicy::new()
-                    .set_dead_letter_topic(conn.topic_path(&config.pubsub.dead_letter_topic))
-                    .set_max_delivery_attempts(config.max_delivery_attempts()),
-            ),
-        });
-    }
-    for topic in kept {
-        wanted.push(Wanted {
-            name: conn.subscription_path(topic),
-            topic: conn.topic_path(topic),
-            ack_deadline_seconds,
-            dead_letter_policy: None,
-        });
-    }
-
+    let (topic_ids, wanted) = subscriptions::wanted(conn, config);
     for id in topic_ids {
-        let name = conn.topic_path(id);
+        let name = conn.topic_path(&id);
         let action = match topics.create_topic().set_name(&name).send().await {
             Ok(_) => Action::Created,
             Err(e) if has_code(&e, Code::AlreadyExists) => Action::Unchanged,
@@ -124,19 +85,17 @@ pub async fn setup(conn: &Connection, config: &Config) -> Result<Vec<Change>, Se
             action,
         });
     }
-
     for w in wanted {
         let created = subs
             .create_subscription()
-            .set_name(&w.name)
-            .set_topic(&w.topic)
-            .set_ack_deadline_seconds(w.ack_deadline_seconds)
-            .set_or_clear_dead_letter_policy(w.dead_letter_policy.clone())
+            .with_request(w.subscription())
             .send()
             .await;
         let action = match created {
             Ok(_) => Action::Created,
-            Err(e) if has_code(&e, Code::AlreadyExists) => reconcile(&subs, &w).await?,
+            Err(e) if has_code(&e, Code::AlreadyExists) => {
+                reconcile(&subs, &w, conn.endpoint().emulator).await?
+            }
             Err(e) => return Err(rpc(format!("creating subscription {}", w.name))(e)),
         };
         changes.push(Change {
@@ -151,6 +110,7 @@ pub async fn setup(conn: &Connection, config: &Config) -> Result<Vec<Change>, Se
 async fn reconcile(
     subs: &google_cloud_pubsub::client::SubscriptionAdmin,
     w: &Wanted,
+    emulator: bool,
 ) -> Result<Action, SetupError> {
     let current: Subscription = subs
         .get_subscription()
@@ -165,38 +125,94 @@ async fn reconcile(
             expected: w.topic.clone(),
         });
     }
-    let mut mask = Vec::new();
-    if current.ack_deadline_seconds != w.ack_deadline_seconds {
-        mask.push("ack_deadline_seconds");
-    }
-    let policy_differs = match (&current.dead_letter_policy, &w.dead_letter_policy) {
-        (None, None) => false,
-        (Some(a), Some(b)) => {
-            a.dead_letter_topic != b.dead_letter_topic
-                || a.max_delivery_attempts != b.max_delivery_attempts
-        }
-        _ => true,
-    };
-    if policy_differs {
-        mask.push("dead_letter_policy");
-    }
-    if current.retry_policy.is_some() {
-        // The worker's backoff is the one delay; a server-side one would add up.
-        mask.push("retry_policy");
+    let mut mask: Vec<&str> = w.drift(&current).iter().map(|d| d.field).collect();
+    if emulator && mask.contains(&"expiration_policy") {
+        // "Updating the expiration_policy field is currently unsupported in
+        // the Pub/Sub Emulator." (which never expires anything anyway)
+        tracing::warn!(subscription = %w.name,
+            "the emulator cannot update an expiration policy; leaving it (on Pub/Sub, setup sets it to never expire)");
+        mask.retain(|f| *f != "expiration_policy");
     }
     if mask.is_empty() {
         return Ok(Action::Unchanged);
     }
-    let updated = Subscription::new()
-        .set_name(&w.name)
-        .set_topic(&w.topic)
-        .set_ack_deadline_seconds(w.ack_deadline_seconds)
-        .set_or_clear_dead_letter_policy(w.dead_letter_policy.clone());
     subs.update_subscription()
-        .set_subscription(updated)
+        .set_subscription(w.subscription())
         .set_update_mask(FieldMask::default().set_paths(mask))
         .send()
         .await
         .map_err(rpc(format!("updating subscription {}", w.name)))?;
     Ok(Action::Updated)
+}
+
+/// A task subscription `run` will not work with.
+#[derive(Debug, thiserror::Error)]
+pub enum ContractError {
+    /// Clients could not be built.
+    #[error(transparent)]
+    Connection(#[from] ConnectionError),
+    /// It does not exist.
+    #[error("subscription {0} does not exist; run `leasehold setup` with this configuration")]
+    Missing(String),
+    /// It drifted in a way that breaks retries or dead letters.
+    #[error("subscription {name}: {}; run `leasehold setup` with this configuration to fix it", .drift.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Drifted {
+        /// Full path.
+        name: String,
+        /// What differs.
+        drift: Vec<Drift>,
+    },
+    /// Reading it failed for another reason than a refusal.
+    #[error("reading subscription {name} failed: {source}")]
+    Rpc {
+        /// Full path.
+        name: String,
+        /// The official client's error.
+        source: google_cloud_pubsub::Error,
+    },
+}
+
+/// `run`'s check at start: each enabled executor's subscription keeps the
+/// contract. A worker that may not read subscriptions (no
+/// `pubsub.subscriptions.get`) is warned about once and goes on: a message
+/// that then arrives without a delivery count is dead-lettered on its first
+/// failure, never retried forever.
+pub async fn check(conn: &Connection, config: &Config) -> Result<(), ContractError> {
+    let subs = conn.subscription_admin().await?;
+    let (_, wanted) = subscriptions::wanted(conn, config);
+    for w in wanted.iter().filter(|w| w.dead_letter_policy.is_some()) {
+        let current = match subs
+            .get_subscription()
+            .set_subscription(&w.name)
+            .send()
+            .await
+        {
+            Ok(current) => current,
+            Err(e) if has_code(&e, Code::NotFound) => {
+                return Err(ContractError::Missing(w.name.clone()));
+            }
+            Err(e) if has_code(&e, Code::PermissionDenied) => {
+                tracing::warn!(subscription = %w.name, error = %e,
+                    "may not read the subscription (pubsub.subscriptions.get, e.g. roles/pubsub.viewer): its dead-letter policy is not checked; a failure of a message without a delivery count is dead-lettered at once instead of retried");
+                continue;
+            }
+            Err(source) => {
+                return Err(ContractError::Rpc {
+                    name: w.name.clone(),
+                    source,
+                });
+            }
+        };
+        let drift: Vec<Drift> = w.drift(&current).into_iter().collect();
+        if drift.iter().any(|d| d.blocks_run) {
+            return Err(ContractError::Drifted {
+                name: w.name.clone(),
+                drift: drift.into_iter().filter(|d| d.blocks_run).collect(),
+            });
+        }
+        for d in drift {
+            tracing::warn!(subscription = %w.name, %d, "the subscription differs from the configuration; `leasehold setup` fixes it");
+        }
+    }
+    Ok(())
 }

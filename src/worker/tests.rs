@@ -221,30 +221,48 @@ async fn a_dead_letter_that_cannot_be_published_is_not_acked() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn shutdown_past_grace_releases_the_running_task_at_once() {
+async fn shutdown_past_grace_hands_the_running_task_back_with_its_budget() {
     let w = start("");
     w.dp.push(message("t4", Some("sleep"), r#"{"seconds": 3600}"#));
     w.until("the task runs", |w| w.gauge("in_progress") == 1)
         .await;
     let stopped_at = Instant::now();
     let w = w.stop().await;
-    let released: Vec<(u64, Call)> = w
-        .rpcs()
-        .into_iter()
-        .filter(|(_, c)| matches!(c, Call::Modify { seconds: 0, .. }))
-        .collect();
-    assert_eq!(released.len(), 1, "{:?}", w.rpcs());
     assert!(
         Instant::now() - stopped_at <= 5 * SEC + 6 * SEC,
         "grace plus one long poll"
     );
     assert_eq!(w.outcomes(), vec!["released"]);
-    assert!(!w.acked("t4#1"));
-    assert_eq!(
-        w.dp.queued(),
-        1,
-        "back in the subscription for another worker"
+    // A copy on the task's own topic carries the task on; the original is
+    // acked, so its delivery count (the dead-letter policy's) is not spent.
+    let copies = w.publisher.on("leasehold-tasks-cpu");
+    assert_eq!(copies.len(), 1, "{:?}", w.publisher.published());
+    let a = &copies[0].attributes;
+    assert_eq!(a["task_id"], "t4");
+    assert_eq!(a["kind"], "sleep");
+    assert_eq!(a["leasehold_interruptions"], "1");
+    assert_eq!(a["leasehold_failures"], "0");
+    assert_eq!(copies[0].data, br#"{"seconds": 3600}"#);
+    assert!(w.acked("t4#1"), "{:?}", w.rpcs());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hand_back_that_cannot_be_published_releases_the_message_instead() {
+    let w = start("");
+    w.dp.push(message("t6", Some("sleep"), r#"{"seconds": 3600}"#));
+    w.until("the task runs", |w| w.gauge("in_progress") == 1)
+        .await;
+    w.publisher.set_failing(true);
+    let w = w.stop().await;
+    assert!(!w.acked("t6#1"));
+    assert!(
+        w.rpcs()
+            .iter()
+            .any(|(_, c)| matches!(c, Call::Modify { ids, seconds: 0 } if ids[0] == "t6#1")),
+        "released: {:?}",
+        w.rpcs()
     );
+    assert_eq!(w.dp.queued(), 1, "back in the subscription, never lost");
 }
 
 #[tokio::test(start_paused = true)]
@@ -367,7 +385,7 @@ async fn max_lease_stops_the_task_and_retries_it_with_the_reason() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn messages_beyond_the_slots_asked_for_are_released_at_once() {
+async fn messages_beyond_the_slots_asked_for_are_handed_back_at_once() {
     let w = start("[executors.cpu]\nslots = 1\n");
     w.dp.misbehave(|m| m.extra_on_pull = 2);
     for i in 0..3 {
@@ -377,18 +395,11 @@ async fn messages_beyond_the_slots_asked_for_are_released_at_once() {
             r#"{"seconds": 60}"#,
         ));
     }
-    w.until("two releases", |w| {
-        w.rpcs()
-            .iter()
-            .map(|(_, c)| match c {
-                Call::Modify { ids, seconds: 0 } => ids.len(),
-                _ => 0,
-            })
-            .sum::<usize>()
-            == 2
+    w.until("two hand-backs", |w| {
+        w.publisher.on("leasehold-tasks-cpu").len() == 2 && w.acked("x1#1") && w.acked("x2#1")
     })
     .await;
-    assert!(w.started.elapsed() < SEC, "released at once");
+    assert!(w.started.elapsed() < SEC, "at once");
     assert_eq!(w.gauge("in_progress"), 1, "one slot, one task");
     w.stop().await;
 }

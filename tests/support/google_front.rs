@@ -70,13 +70,16 @@ pub const PERMISSION_DENIED: u16 = 7;
 const UNIMPLEMENTED: u16 = 12;
 
 /// What the front does with calls that carry valid credentials.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Policy {
     /// Forward to the emulator.
     Accept,
     /// Refuse every call with this gRPC code (a revoked token: 16; a
     /// removed IAM binding: 7).
     Refuse(u16),
+    /// Refuse the calls of one method (`Subscriber/GetSubscription`) with
+    /// this code: a role that lacks one permission.
+    RefuseMethod(String, u16),
 }
 
 /// One RPC as the front saw it.

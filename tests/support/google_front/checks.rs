@@ -94,8 +94,12 @@ pub(super) fn check_credentials(state: &State, call: &Call) -> Result<(), (u16, 
         }
         Some(_) => {}
     }
-    if let Policy::Refuse(code) = *state.policy.lock().unwrap() {
-        return Err((code, "refused by the test (credentials revoked)".into()));
+    match &*state.policy.lock().unwrap() {
+        Policy::Refuse(code) => Err((*code, "refused by the test (credentials revoked)".into())),
+        Policy::RefuseMethod(method, code) if *method == call.method => Err((
+            *code,
+            format!("refused by the test (no permission for {method})"),
+        )),
+        _ => Ok(()),
     }
-    Ok(())
 }
