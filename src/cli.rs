@@ -227,7 +227,7 @@ async fn run_command(command: Command, env: Environment) -> Result<(), ExitCode>
                         eprintln!("leasehold: {e}");
                         ExitCode::from(EXIT_CONFIG)
                     }
-                    e @ WorkerError::Subscription(_) => unavailable(e),
+                    e @ WorkerError::Subscription(ContractError::Connection(_)) => unavailable(e),
                     WorkerError::Connection(e) => unavailable(e),
                 })
         }

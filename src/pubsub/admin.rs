@@ -162,45 +162,42 @@ pub enum ContractError {
         /// What differs.
         drift: Vec<Drift>,
     },
-    /// Reading it failed for another reason than a refusal.
-    #[error("reading subscription {name} failed: {source}")]
-    Rpc {
-        /// Full path.
-        name: String,
-        /// The official client's error.
-        source: google_cloud_pubsub::Error,
-    },
 }
 
+/// How long the check at start waits for one subscription before going on
+/// without it: Pub/Sub or the token endpoint being down at start is retried
+/// by the worker, not fatal.
+const CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// `run`'s check at start: each enabled executor's subscription keeps the
-/// contract. A worker that may not read subscriptions (no
-/// `pubsub.subscriptions.get`) is warned about once and goes on: a message
-/// that then arrives without a delivery count is dead-lettered on its first
-/// failure, never retried forever.
+/// contract. A worker that cannot read a subscription (no
+/// `pubsub.subscriptions.get`, or Pub/Sub or the token endpoint unreachable
+/// for now) is warned about once and goes on: a message that then arrives
+/// without a delivery count is dead-lettered on its first failure, never
+/// retried forever.
 pub async fn check(conn: &Connection, config: &Config) -> Result<(), ContractError> {
     let subs = conn.subscription_admin().await?;
     let (_, wanted) = subscriptions::wanted(conn, config);
     for w in wanted.iter().filter(|w| w.dead_letter_policy.is_some()) {
-        let current = match subs
-            .get_subscription()
-            .set_subscription(&w.name)
-            .send()
-            .await
-        {
-            Ok(current) => current,
-            Err(e) if has_code(&e, Code::NotFound) => {
+        let read = subs.get_subscription().set_subscription(&w.name).send();
+        let current = match tokio::time::timeout(CHECK_TIMEOUT, read).await {
+            Ok(Ok(current)) => current,
+            Ok(Err(e)) if has_code(&e, Code::NotFound) => {
                 return Err(ContractError::Missing(w.name.clone()));
             }
-            Err(e) if has_code(&e, Code::PermissionDenied) => {
+            Ok(Err(e)) if has_code(&e, Code::PermissionDenied) => {
                 tracing::warn!(subscription = %w.name, error = %e,
                     "may not read the subscription (pubsub.subscriptions.get, e.g. roles/pubsub.viewer): its dead-letter policy is not checked; a failure of a message without a delivery count is dead-lettered at once instead of retried");
                 continue;
             }
-            Err(source) => {
-                return Err(ContractError::Rpc {
-                    name: w.name.clone(),
-                    source,
-                });
+            unread => {
+                let error = match unread {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => format!("no answer within {CHECK_TIMEOUT:?}"),
+                };
+                tracing::warn!(subscription = %w.name, %error,
+                    "cannot read the subscription now; starting without checking it (a failure of a message without a delivery count is dead-lettered at once)");
+                continue;
             }
         };
         let drift: Vec<Drift> = w.drift(&current).into_iter().collect();
