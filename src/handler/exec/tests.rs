@@ -35,6 +35,17 @@ fn ctx() -> RunContext {
     }
 }
 
+/// How `h` failed (panics if it succeeded): the failure and the stderr tail.
+async fn failure(h: &ExecHandler, c: &RunContext) -> (Failure, String) {
+    match h.run(&task("", &[]), c).await {
+        Outcome::Failed {
+            failure,
+            stderr_tail,
+        } => (failure, stderr_tail),
+        other @ Outcome::Succeeded { .. } => panic!("{other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn payload_on_stdin_environment_and_result_file() {
     let h = sh(
@@ -63,51 +74,18 @@ async fn payload_on_stdin_environment_and_result_file() {
 
 #[tokio::test]
 async fn exit_codes_are_classified_and_stderr_tail_kept() {
-    let out = sh("echo first >&2; echo boom >&2; exit 3")
-        .run(&task("", &[]), &ctx())
-        .await;
-    assert_eq!(
-        out,
-        Outcome::Failed {
-            failure: Failure::Exit {
-                code: 3,
-                permanent: false
-            },
-            stderr_tail: "first\nboom".into()
-        }
-    );
-    let out = sh("exit 65").run(&task("", &[]), &ctx()).await;
-    assert!(matches!(
-        out,
-        Outcome::Failed {
-            failure: Failure::Exit {
-                code: 65,
-                permanent: true
-            },
-            ..
-        }
-    ));
-    let out = sh("kill -KILL $$").run(&task("", &[]), &ctx()).await;
-    assert!(
-        matches!(
-            out,
-            Outcome::Failed {
-                failure: Failure::Signal(9),
-                ..
-            }
-        ),
-        "{out:?}"
-    );
+    let exit = |code, permanent| Failure::Exit { code, permanent };
+    let got = failure(&sh("echo first >&2; echo boom >&2; exit 3"), &ctx()).await;
+    assert_eq!(got, (exit(3, false), "first\nboom".into()));
+    assert_eq!(failure(&sh("exit 65"), &ctx()).await.0, exit(65, true));
+    let got = failure(&sh("kill -KILL $$"), &ctx()).await.0;
+    assert_eq!(got, Failure::Signal(9));
 }
 
 #[tokio::test]
 async fn stderr_tail_is_at_most_4_kib() {
-    let out = sh("i=0; while [ $i -lt 2000 ]; do echo line-$i >&2; i=$((i+1)); done; exit 1")
-        .run(&task("", &[]), &ctx())
-        .await;
-    let Outcome::Failed { stderr_tail, .. } = out else {
-        panic!()
-    };
+    let script = "i=0; while [ $i -lt 2000 ]; do echo line-$i >&2; i=$((i+1)); done; exit 1";
+    let (_, stderr_tail) = failure(&sh(script), &ctx()).await;
     assert!(
         stderr_tail.len() <= STDERR_TAIL_BYTES,
         "{}",
@@ -119,86 +97,8 @@ async fn stderr_tail_is_at_most_4_kib() {
 #[tokio::test]
 async fn a_missing_program_is_a_spawn_failure() {
     let h = ExecHandler::new("/nonexistent/leasehold-handler", &[]);
-    let out = h.run(&task("", &[]), &ctx()).await;
-    assert!(
-        matches!(
-            out,
-            Outcome::Failed {
-                failure: Failure::Spawn(_),
-                ..
-            }
-        ),
-        "{out:?}"
-    );
-}
-
-/// Whether a process is alive (signal 0).
-fn alive(pid: i32) -> bool {
-    nix::sys::signal::kill(Pid::from_raw(pid), None).is_ok()
-}
-
-#[tokio::test]
-async fn a_timeout_kills_the_whole_process_group() {
-    let dir = tempfile::tempdir().unwrap();
-    let pidfile = dir.path().join("grandchild.pid");
-    let mut h = sh(&format!(
-        "sleep 300 & echo $! > {}; wait",
-        pidfile.display()
-    ));
-    h.timeout = Some(Duration::from_millis(700));
-    let out = h.run(&task("", &[]), &ctx()).await;
-    assert!(
-        matches!(
-            out,
-            Outcome::Failed {
-                failure: Failure::Timeout(_),
-                ..
-            }
-        ),
-        "{out:?}"
-    );
-    let pid: i32 = std::fs::read_to_string(&pidfile)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    // The grandchild was in the group: it must be gone (or a zombie about to be reaped by init).
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    assert!(
-        !alive(pid) || state.contains(") Z "),
-        "grandchild {pid} still running: {state}"
-    );
-}
-
-#[tokio::test]
-async fn stop_sends_sigterm_then_sigkill_after_kill_grace() {
-    // Ignores SIGTERM: only SIGKILL ends it.
-    let h = sh("trap '' TERM; sleep 300 & wait; sleep 300");
-    let c = ctx();
-    let stop = c.stop.clone();
-    tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        stop.cancel();
-    });
-    let start = std::time::SystemTime::now();
-    let out = h.run(&task("", &[]), &c).await;
-    let took = start.elapsed().unwrap();
-    assert!(
-        matches!(
-            out,
-            Outcome::Failed {
-                failure: Failure::Interrupted,
-                ..
-            }
-        ),
-        "{out:?}"
-    );
-    assert!(
-        took >= Duration::from_millis(700),
-        "waited kill_grace: {took:?}"
-    );
-    assert!(took < Duration::from_secs(10), "{took:?}");
+    let got = failure(&h, &ctx()).await.0;
+    assert!(matches!(got, Failure::Spawn(_)), "{got:?}");
 }
 
 /// The pid a handler wrote to `file`.
@@ -216,28 +116,63 @@ fn in_proc(pid: i32) -> bool {
 }
 
 #[tokio::test]
+async fn a_timeout_kills_the_group_and_the_sessions_that_left_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (in_group, escaped) = (dir.path().join("group.pid"), dir.path().join("escaped.pid"));
+    let mut h = sh(&format!(
+        "sleep 300 & echo $! > {}; setsid sh -c 'sleep 300 & wait' & echo $! > {}; wait",
+        in_group.display(),
+        escaped.display()
+    ));
+    h.timeout = Some(Duration::from_millis(1500));
+    let got = failure(&h, &ctx()).await.0;
+    assert_eq!(got, Failure::Timeout(Duration::from_millis(1500)));
+    for pid in [read_pid(&in_group), read_pid(&escaped)] {
+        assert!(!in_proc(pid), "{pid} outlived its task (or was not reaped)");
+    }
+    // The escaped shell's own child too: no sleep of ours is left.
+    let me = std::process::id().to_string();
+    let left: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .filter(|s| s.contains("(sleep)") && s.split(' ').nth(3) == Some(me.as_str()))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[tokio::test]
+async fn stop_sends_sigterm_then_sigkill_after_kill_grace() {
+    // Ignores SIGTERM: only SIGKILL ends it.
+    let h = sh("trap '' TERM; sleep 300 & wait; sleep 300");
+    let c = ctx();
+    let stop = c.stop.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stop.cancel();
+    });
+    let start = std::time::SystemTime::now();
+    assert_eq!(failure(&h, &c).await.0, Failure::Interrupted);
+    let took = start.elapsed().unwrap();
+    assert!(
+        took >= Duration::from_millis(700),
+        "waited kill_grace: {took:?}"
+    );
+    assert!(took < Duration::from_secs(10), "{took:?}");
+}
+
+#[tokio::test]
 async fn output_that_is_not_utf8_never_stops_the_handler() {
     // Before: the forwarder stopped at the first non-UTF-8 line and closed
     // the pipe, and the next write killed the handler with SIGPIPE.
-    let out = sh(r"printf 'caf\351\n'; printf 'caf\351\n' >&2; i=0
-        while [ $i -lt 2000 ]; do echo more; echo more >&2; i=$((i+1)); done; printf 'end\r' >&2; exit 9")
-    .run(&task("", &[]), &ctx())
-    .await;
-    let Outcome::Failed {
-        failure,
-        stderr_tail,
-    } = out
-    else {
-        panic!("{out:?}")
+    let h = sh(r"printf 'caf\351\n'; printf 'caf\351\n' >&2; i=0
+        while [ $i -lt 2000 ]; do echo more; echo more >&2; i=$((i+1)); done; printf 'end\r' >&2; exit 9");
+    let (failure, stderr_tail) = failure(&h, &ctx()).await;
+    let exit = Failure::Exit {
+        code: 9,
+        permanent: false,
     };
-    assert_eq!(
-        failure,
-        Failure::Exit {
-            code: 9,
-            permanent: false
-        },
-        "its own exit, not SIGPIPE"
-    );
+    assert_eq!(failure, exit, "its own exit, not SIGPIPE");
     assert!(stderr_tail.ends_with("more\nend"), "{stderr_tail}");
     let out = sh(r"printf 'caf\351\n'; echo after")
         .run(&task("", &[]), &ctx())
@@ -266,39 +201,6 @@ async fn escaped_sessions_end_with_the_task_and_do_not_hold_it_open() {
         !in_proc(pid),
         "the escaped sleep {pid} outlived its task (or was not reaped)"
     );
-}
-
-#[tokio::test]
-async fn escaped_sessions_end_on_the_timeout_path_too() {
-    let dir = tempfile::tempdir().unwrap();
-    let pidfile = dir.path().join("pid");
-    let mut h = sh(&format!(
-        "setsid sh -c 'sleep 300 & wait' & echo $! > {}; sleep 300",
-        pidfile.display()
-    ));
-    h.timeout = Some(Duration::from_millis(1500));
-    let out = h.run(&task("", &[]), &ctx()).await;
-    assert!(
-        matches!(
-            out,
-            Outcome::Failed {
-                failure: Failure::Timeout(_),
-                ..
-            }
-        ),
-        "{out:?}"
-    );
-    let pid = read_pid(&pidfile);
-    assert!(!in_proc(pid), "the escaped shell {pid} outlived its task");
-    // Its child too: nothing left with the handler's mark anywhere.
-    let me = std::process::id().to_string();
-    let left: Vec<String> = std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
-        .filter(|s| s.contains("(sleep)") && s.split(' ').nth(3) == Some(me.as_str()))
-        .collect();
-    assert!(left.is_empty(), "{left:?}");
 }
 
 #[tokio::test]
@@ -376,11 +278,8 @@ async fn a_handler_that_stops_reporting_is_killed_as_stalled() {
     h.stall_timeout = Some(Duration::from_secs(1));
     let (c, gauge, _) = recorded();
     let start = std::time::SystemTime::now();
-    let out = h.run(&task("", &[]), &c).await;
+    let failure = failure(&h, &c).await.0;
     let took = start.elapsed().unwrap();
-    let Outcome::Failed { failure, .. } = out else {
-        panic!("{out:?}")
-    };
     assert_eq!(failure, Failure::Stalled(Duration::from_secs(1)));
     assert!(!failure.is_permanent());
     assert!(failure.to_string().contains("stalled"), "{failure}");

@@ -1,5 +1,3 @@
-use std::sync::Mutex;
-
 use super::*;
 
 /// Every (line, cut) a splitter emits for `chunks`.
@@ -100,26 +98,6 @@ fn the_tail_keeps_the_last_bytes_as_text() {
     assert_eq!(t.text(), "");
 }
 
-/// A subscriber writing into a shared buffer.
-#[derive(Clone, Default)]
-struct Buffer(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Buffer {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Buffer {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
 /// Runs `body` with a subscriber of its own; returns what it logged once
 /// `done` holds for it (the logger thread writes a moment later).
 async fn logged<F: std::future::Future<Output = String>>(
@@ -127,20 +105,20 @@ async fn logged<F: std::future::Future<Output = String>>(
     done: impl Fn(&str) -> bool,
 ) -> (String, String) {
     use tracing::instrument::WithSubscriber;
-    let buffer = Buffer::default();
-    let writer = buffer.clone();
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let text = || String::from_utf8_lossy(&std::fs::read(file.path()).unwrap()).into_owned();
     let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
+        .with_writer(Arc::new(file.reopen().unwrap()))
         .with_ansi(false)
         .finish();
     let tail = body.with_subscriber(subscriber).await;
     for _ in 0..200 {
-        if done(&buffer.text()) {
+        if done(&text()) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    (buffer.text(), tail)
+    (text(), tail)
 }
 
 #[tokio::test]
