@@ -149,8 +149,10 @@ impl ExecHandler {
             tree.end().await;
         }
         watch.finish().await;
-        output::finish(stdout, "stdout").await;
-        let stderr_tail = output::finish(stderr, "stderr").await;
+        let (_, stderr_tail) = tokio::join!(
+            output::finish(stdout, "stdout"),
+            output::finish(stderr, "stderr")
+        );
 
         let failure = match (ended, status) {
             (Ended::TimedOut, _) => Failure::Timeout(timeout),
