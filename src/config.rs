@@ -189,6 +189,21 @@ pub struct HandlerConfig {
     /// Extra environment for the command (merged over the worker's).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
+    /// Kill and retry a command whose progress file did not change for this
+    /// long (a hung handler gives its slot back); off when absent.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub stall_timeout: Option<Duration>,
+    /// At most one `progress` result event per this; 10 s when absent.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub progress_interval: Option<Duration>,
 }
 
 /// `[http]`

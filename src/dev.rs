@@ -126,10 +126,13 @@ pub async fn run(files: Vec<PathBuf>, env: Environment) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Task counters summed over kinds, for the progress line.
+/// Task counters summed over kinds, and each busy slot's progress, for the
+/// progress line.
 #[derive(Debug, Default)]
 struct Progress {
     running: i64,
+    /// (executor/slot, fraction) of the slots whose task reported progress.
+    slots: Vec<(String, f64)>,
     succeeded: u64,
     retrying: u64,
     dead_lettered: u64,
@@ -156,6 +159,13 @@ impl Progress {
                         p.running += metric.get_gauge().get_value() as i64;
                     }
                     "leasehold_leases_held" => p.leases += metric.get_gauge().get_value() as i64,
+                    "leasehold_task_progress_ratio" => {
+                        let fraction = metric.get_gauge().get_value();
+                        if fraction > 0.0 {
+                            let slot = format!("{}/{}", label("executor"), label("slot"));
+                            p.slots.push((slot, fraction));
+                        }
+                    }
                     "leasehold_tasks_finished_total" => {
                         let v = metric.get_counter().get_value() as u64;
                         match label("outcome").as_str() {
@@ -169,6 +179,7 @@ impl Progress {
                 }
             }
         }
+        p.slots.sort_by(|a, b| a.0.cmp(&b.0));
         p
     }
 
@@ -179,10 +190,48 @@ impl Progress {
 
 impl std::fmt::Display for Progress {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "running {}", self.running)?;
+        if !self.slots.is_empty() {
+            let slots: Vec<String> = self
+                .slots
+                .iter()
+                .map(|(slot, fraction)| format!("{slot} {:.0}%", fraction * 100.0))
+                .collect();
+            write!(f, " ({})", slots.join(", "))?;
+        }
         write!(
             f,
-            "running {}, leases held {}, succeeded {}, retried {}, dead-lettered {}",
-            self.running, self.leases, self.succeeded, self.retrying, self.dead_lettered
+            ", leases held {}, succeeded {}, retried {}, dead-lettered {}",
+            self.leases, self.succeeded, self.retrying, self.dead_lettered
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_progress_line_shows_each_busy_slots_progress() {
+        let m = Metrics::new();
+        m.init_slot_series("gpu", 2);
+        m.init_slot_series("cpu", 1);
+        m.tasks_in_progress.with_label_values(&["gpu"]).set(2);
+        m.task_progress.with_label_values(&["gpu", "1"]).set(0.4);
+        m.task_progress.with_label_values(&["cpu", "0"]).set(0.05);
+        m.tasks_finished
+            .with_label_values(&["render", "gpu", "succeeded"])
+            .inc();
+        assert_eq!(
+            Progress::read(&m).to_string(),
+            "running 2 (cpu/0 5%, gpu/1 40%), leases held 0, succeeded 1, retried 0, dead-lettered 0"
+        );
+        m.task_progress.with_label_values(&["gpu", "1"]).set(0.0);
+        m.task_progress.with_label_values(&["cpu", "0"]).set(0.0);
+        assert!(
+            Progress::read(&m)
+                .to_string()
+                .starts_with("running 2, leases")
+        );
     }
 }

@@ -23,11 +23,13 @@ use crate::dead_letter::DeadLetters;
 use crate::disposition::{Disposition, backoff, decide};
 use crate::executor::{Executor, Slot};
 use crate::hand_back::HandBack;
-use crate::handler::{Failure, Handler, HandlerRegistry, Outcome, Ran, Registered, RunContext};
+use crate::handler::{
+    Failure, Handler, HandlerRegistry, Outcome, ProgressSink, Ran, Registered, RunContext,
+};
 use crate::lease::{Interruption, Lease};
 use crate::metrics::Metrics;
 use crate::pubsub::ReceivedMessage;
-use crate::results::{Place, Results};
+use crate::results::{Place, Results, RunningTask};
 use crate::task::Task;
 
 /// Why a task cannot run here.
@@ -100,6 +102,9 @@ pub struct Dispatcher {
 impl Dispatcher {
     /// The dispatcher of `executor`'s messages.
     pub fn new(executor: Arc<Executor>, parts: DispatcherParts) -> Arc<Dispatcher> {
+        parts
+            .metrics
+            .init_slot_series(executor.name(), executor.slots());
         Arc::new(Dispatcher { executor, parts })
     }
 
@@ -167,6 +172,7 @@ impl Dispatcher {
             env: slot.env(),
             stop: stop.clone(),
             kill_grace: self.parts.kill_grace,
+            progress: self.progress_sink(task, slot),
         };
         let lease_says_stop = lease.stop_signal();
         let run = AssertUnwindSafe(handler.run(task, &ctx)).catch_unwind();
@@ -200,7 +206,25 @@ impl Dispatcher {
             outcome,
             started_at,
             duration,
+            progress: ctx.progress.latest(),
         }
+    }
+
+    /// The task's progress: its slot's gauge (back to 0 when the task
+    /// ends) and `progress` result events.
+    fn progress_sink(&self, task: &Task, slot: &Slot) -> ProgressSink {
+        let gauge = self
+            .parts
+            .metrics
+            .task_progress
+            .with_label_values(&[self.executor.name(), &slot.index().to_string()]);
+        let place = Place {
+            executor: self.executor.name(),
+            device: slot.device(),
+        };
+        let running = RunningTask::new(task, place);
+        let results = self.parts.results.clone();
+        ProgressSink::new(gauge, move |report| results.progress(&running, report))
     }
 
     /// What the run counts as, given its lease: stopped by the lease, it ran

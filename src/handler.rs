@@ -7,7 +7,12 @@
 //! variant here and its module beside this file.
 
 pub mod builtin;
+pub mod environment;
 pub mod exec;
+pub mod output;
+pub mod processes;
+pub mod progress;
+pub mod scratch;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -19,6 +24,7 @@ use crate::task::Task;
 
 pub use builtin::Builtin;
 pub use exec::ExecHandler;
+pub use progress::ProgressSink;
 
 /// How one kind runs.
 #[derive(Debug, Clone)]
@@ -47,6 +53,8 @@ pub struct RunContext {
     pub stop: CancellationToken,
     /// After `stop`, how long a process gets between SIGTERM and SIGKILL.
     pub kill_grace: Duration,
+    /// Where the task's progress reports go (its slot's gauge, result events).
+    pub progress: ProgressSink,
 }
 
 /// How a handler run ended. Typed, so the disposition is decided by a
@@ -76,6 +84,8 @@ pub struct Ran {
     pub started_at: time::OffsetDateTime,
     /// How long it ran.
     pub duration: Duration,
+    /// The handler's latest progress report, if it wrote one.
+    pub progress: Option<serde_json::Value>,
 }
 
 /// The ways a run fails.
@@ -116,6 +126,14 @@ pub enum Failure {
     /// The handler panicked (a bug in the worker); retried like a crash.
     #[error("the handler panicked: {0}")]
     Panicked(String),
+    /// No progress report for `stall_timeout`: the handler was killed and
+    /// the task is retried (a hung renderer gives its GPU back).
+    #[error("the handler stalled: no progress report for {} (handlers.KIND.stall_timeout); it was killed", humantime::format_duration(*.0))]
+    Stalled(Duration),
+    /// The task's attributes cannot be given to a command (a NUL byte, two
+    /// names for one variable); retrying cannot help.
+    #[error("the task's attributes cannot be passed to the handler: {0}")]
+    BadAttributes(String),
 }
 
 impl Failure {
@@ -127,6 +145,7 @@ impl Failure {
                 permanent: true,
                 ..
             } | Failure::BadInput(_)
+                | Failure::BadAttributes(_)
         )
     }
 }
@@ -176,6 +195,37 @@ impl Handler {
                 format!("{code} is not an exit code between 1 and 255"),
             ));
         }
+        if h.stall_timeout.is_some_and(|t| t < progress::POLL) {
+            return Err(ConfigError::invalid(
+                key("stall_timeout"),
+                "must be at least 1s (the progress file is read once a second)",
+            ));
+        }
+        if let Some((name, _)) = h
+            .env
+            .iter()
+            .find(|(k, v)| k.is_empty() || k.contains(['=', '\0']) || v.contains('\0'))
+        {
+            return Err(ConfigError::invalid(
+                key("env"),
+                format!(
+                    "{name:?} cannot be an environment variable (an empty name, '=' in the name, or a NUL byte)"
+                ),
+            ));
+        }
+        if h.builtin.is_some() {
+            for (set, name) in [
+                (h.stall_timeout.is_some(), "stall_timeout"),
+                (h.progress_interval.is_some(), "progress_interval"),
+            ] {
+                if set {
+                    return Err(ConfigError::invalid(
+                        key(name),
+                        "applies to command handlers only (builtins write no progress file)",
+                    ));
+                }
+            }
+        }
         match (&h.command, h.builtin) {
             (Some(_), Some(_)) => Err(ConfigError::invalid(
                 format!("handlers.{kind}"),
@@ -192,6 +242,8 @@ impl Handler {
                     timeout: h.timeout,
                     permanent_exit_codes: h.permanent_exit_codes.clone(),
                     env: h.env.clone().into_iter().collect(),
+                    stall_timeout: h.stall_timeout,
+                    progress_interval: h.progress_interval.unwrap_or(progress::DEFAULT_INTERVAL),
                 })),
                 _ => Err(ConfigError::invalid(key("command"), "must name a program")),
             },

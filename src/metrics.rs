@@ -2,7 +2,8 @@
 //! bounded (subscription, kind, executor, outcome, gRPC code): never a task id.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// Task-duration buckets, seconds: from 10 ms to 48 h, so tasks of many hours
@@ -56,6 +57,9 @@ pub struct Metrics {
     pub leases_lost: IntCounterVec,
     /// Failed Pull calls, by gRPC code.
     pub pull_errors: IntCounterVec,
+    /// The latest progress fraction of the task in each slot (0 when idle):
+    /// labelled by slot, never by task, so the series are bounded.
+    pub task_progress: GaugeVec,
     /// Always 1, labelled with the version.
     pub build_info: IntGaugeVec,
 }
@@ -159,6 +163,18 @@ impl Metrics {
                 "Failed Pull calls.",
                 &["subscription", "code"],
             ),
+            task_progress: {
+                let g = GaugeVec::new(
+                    Opts::new(
+                        "leasehold_task_progress_ratio",
+                        "Latest progress fraction (0..1) reported by the task in each slot; 0 when the slot is idle.",
+                    ),
+                    &["executor", "slot"],
+                )
+                .expect("valid metric");
+                r.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
             build_info: gauge(
                 &r,
                 "leasehold_build_info",
@@ -209,6 +225,15 @@ impl Metrics {
                 self.task_duration
                     .with_label_values(&[kind, executor, outcome]);
             }
+        }
+    }
+
+    /// Creates at 0 the progress gauge of each of `executor`'s `slots`.
+    pub fn init_slot_series(&self, executor: &str, slots: usize) {
+        for slot in 0..slots {
+            self.task_progress
+                .with_label_values(&[executor, &slot.to_string()])
+                .set(0.0);
         }
     }
 
@@ -305,6 +330,25 @@ mod tests {
             sample(
                 &text,
                 r#"leasehold_tasks_started_total{executor="gpu",kind="job"}"#
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn each_slot_has_a_progress_series_from_the_start() {
+        let m = Metrics::new();
+        m.init_slot_series("gpu", 2);
+        let text = m.encode();
+        for slot in ["0", "1"] {
+            let series =
+                format!(r#"leasehold_task_progress_ratio{{executor="gpu",slot="{slot}"}}"#);
+            assert_eq!(sample(&text, &series), Some(0.0), "{series}\n{text}");
+        }
+        assert_eq!(
+            sample(
+                &text,
+                r#"leasehold_task_progress_ratio{executor="gpu",slot="2"}"#
             ),
             None
         );

@@ -1,6 +1,7 @@
 //! Result events: one per ending of a task (`succeeded`, `retrying`,
 //! `dead_lettered`, `released`, `lease_lost`) on the results topic, for producers and
-//! dashboards to follow their tasks. Built here, in one place, and published
+//! dashboards to follow their tasks, and `progress` events while it runs
+//! (the handler's latest report, at most once per `progress_interval`). Built here, in one place, and published
 //! in the background: a slow or failing results topic never delays or
 //! changes a task's own disposition.
 
@@ -28,7 +29,8 @@ pub struct ResultEvent {
     pub executor: String,
     /// The GPU device it ran on, if any.
     pub device: Option<String>,
-    /// `succeeded`, `retrying`, `dead_lettered`, `released` or `lease_lost`.
+    /// `succeeded`, `retrying`, `dead_lettered`, `released`, `lease_lost`,
+    /// or `progress` (the task is still running).
     pub outcome: String,
     /// Failed attempts before this one + 1 (interruptions do not count).
     pub attempt: u32,
@@ -42,14 +44,47 @@ pub struct ResultEvent {
     pub stderr: Option<String>,
     /// RFC 3339 start of the handler, if it started.
     pub started_at: Option<String>,
-    /// RFC 3339 end.
-    pub finished_at: String,
-    /// Handler run time.
+    /// RFC 3339 end; `None` in a `progress` event.
+    pub finished_at: Option<String>,
+    /// Handler run time (so far, in a `progress` event).
     pub duration_seconds: f64,
     /// The worker (pod) name.
     pub worker: String,
     /// What the handler wrote to `LEASEHOLD_RESULT_FILE`.
     pub result: Option<serde_json::Value>,
+    /// The handler's latest progress report (a JSON object).
+    pub progress: Option<serde_json::Value>,
+}
+
+/// A task while it runs: what its `progress` events say besides the report.
+#[derive(Debug, Clone)]
+pub struct RunningTask {
+    task_id: String,
+    message_id: String,
+    kind: String,
+    executor: String,
+    device: Option<String>,
+    attempt: u32,
+    interruptions: u32,
+    started_at: time::OffsetDateTime,
+    start: tokio::time::Instant,
+}
+
+impl RunningTask {
+    /// `task`, started now in `place`.
+    pub fn new(task: &Task, place: Place<'_>) -> RunningTask {
+        RunningTask {
+            task_id: task.task_id.clone(),
+            message_id: task.message_id.clone(),
+            kind: task.kind.clone(),
+            executor: place.executor.to_string(),
+            device: place.device.map(str::to_string),
+            attempt: task.attempt,
+            interruptions: task.interruptions,
+            started_at: time::OffsetDateTime::now_utc(),
+            start: tokio::time::Instant::now(),
+        }
+    }
 }
 
 /// Where a task ran, for its events.
@@ -121,10 +156,11 @@ impl Results {
                 error,
                 stderr,
                 started_at: Some(rfc3339(ran.started_at)),
-                finished_at: now_rfc3339(),
+                finished_at: Some(now_rfc3339()),
                 duration_seconds: ran.duration.as_secs_f64(),
                 worker: self.worker.clone(),
                 result,
+                progress: ran.progress.clone(),
             }
         });
     }
@@ -150,11 +186,35 @@ impl Results {
                 error: Some(reason.to_string()),
                 stderr: None,
                 started_at: None,
-                finished_at: now_rfc3339(),
+                finished_at: Some(now_rfc3339()),
                 duration_seconds: 0.0,
                 worker: self.worker.clone(),
                 result: None,
+                progress: None,
             }
+        });
+    }
+
+    /// A `progress` event: `running`'s latest report.
+    pub fn progress(&self, running: &RunningTask, report: &serde_json::Value) {
+        self.emit(|| ResultEvent {
+            task_id: running.task_id.clone(),
+            message_id: running.message_id.clone(),
+            kind: running.kind.clone(),
+            executor: running.executor.clone(),
+            device: running.device.clone(),
+            outcome: "progress".into(),
+            attempt: running.attempt,
+            interruptions: running.interruptions,
+            exit_code: None,
+            error: None,
+            stderr: None,
+            started_at: Some(rfc3339(running.started_at)),
+            finished_at: None,
+            duration_seconds: running.start.elapsed().as_secs_f64(),
+            worker: self.worker.clone(),
+            result: None,
+            progress: Some(report.clone()),
         });
     }
 

@@ -1,6 +1,7 @@
 #!/bin/sh
 # Sample GPU handler: "renders" a scene for {"seconds": N} on the one GPU it
-# was given, and reports it in its result file.
+# was given, reports each frame as progress, and reports the result in its
+# result file.
 set -eu
 payload=$(cat)
 seconds=$(printf '%s' "$payload" | sed -n 's/.*"seconds"[^0-9]*\([0-9][0-9]*\).*/\1/p')
@@ -11,5 +12,8 @@ while [ "$i" -lt "$seconds" ]; do
   sleep 1
   i=$((i + 1))
   echo "frame $i/$seconds"
+  # One line per report: a JSON object (or free text). Each is a heartbeat.
+  printf '{"fraction": %s, "message": "frame %s/%s"}\n' \
+    "$(awk "BEGIN { print $i / $seconds }")" "$i" "$seconds" >> "$LEASEHOLD_PROGRESS_FILE"
 done
 printf '{"device": "%s", "frames": %s}\n' "$CUDA_VISIBLE_DEVICES" "$seconds" > "$LEASEHOLD_RESULT_FILE"

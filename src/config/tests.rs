@@ -68,6 +68,8 @@ executor = "cpu"
 command = ["/opt/leasehold/reduce.sh", "--fast"]
 timeout = "2h"
 permanent_exit_codes = [65, 66]
+stall_timeout = "10m"
+progress_interval = "10s"
 [handlers.render]
 executor = "gpu"
 command = ["render"]
@@ -89,6 +91,8 @@ kill_grace = "10s"
     assert_eq!(reduce.executor, "cpu");
     assert_eq!(reduce.timeout, Some(Duration::from_secs(7200)));
     assert_eq!(reduce.permanent_exit_codes, vec![65, 66]);
+    assert_eq!(reduce.stall_timeout, Some(Duration::from_secs(600)));
+    assert_eq!(reduce.progress_interval, Some(Duration::from_secs(10)));
     assert_eq!(c.handlers["render"].env["QUALITY"], "high");
     assert_eq!(c.enabled_executors().count(), 2);
 }
@@ -158,6 +162,22 @@ fn bad_values_name_their_key() {
         (
             "[handlers.x]\nexecutor = \"cpu\"\ncommand = [\"a\"]\nretries = 3",
             "handlers.x.retries",
+        ),
+        (
+            "[handlers.x]\nexecutor = \"cpu\"\ncommand = [\"a\"]\nstall_timeout = \"500ms\"",
+            "handlers.x.stall_timeout",
+        ),
+        (
+            "[handlers.x]\nexecutor = \"cpu\"\nbuiltin = \"sleep\"\nstall_timeout = \"1m\"",
+            "handlers.x.stall_timeout",
+        ),
+        (
+            "[handlers.x]\nexecutor = \"cpu\"\nbuiltin = \"sleep\"\nprogress_interval = \"1m\"",
+            "handlers.x.progress_interval",
+        ),
+        (
+            "[handlers.x]\nexecutor = \"cpu\"\ncommand = [\"a\"]\nenv = { A = \"x\\u0000y\" }",
+            "handlers.x.env",
         ),
         ("[http]\nlisten = \"nowhere\"", "http.listen"),
         ("[shutdown]\nkill_grace = \"0s\"", "shutdown.kill_grace"),

@@ -1,22 +1,28 @@
 //! The exec handler: a command in its own process group, the payload on
-//! stdin, the task described in `LEASEHOLD_*` variables.
+//! stdin, the task described in `LEASEHOLD_*` variables, in a scratch
+//! directory of its own.
 //!
-//! A timeout or a shutdown signals the whole group (SIGTERM, then SIGKILL
-//! after `kill_grace`), so grandchildren (a renderer started by a shell
-//! script) never outlive their task or keep a GPU busy.
+//! A timeout, a stall or a shutdown signals the whole group (SIGTERM, then
+//! SIGKILL after `kill_grace`). When the handler's first process has exited,
+//! whatever is left of the task is killed: its group, and every process it
+//! started elsewhere (`processes`: escaped sessions, daemons), so nothing
+//! outlives its task or keeps a GPU busy. Then its output is read to the end
+//! (`output`, for a bounded time), and its directory removed (`scratch`).
 
-use std::collections::VecDeque;
-use std::path::PathBuf;
+use std::path::Path;
 use std::process::{ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 use tokio::process::{Child, Command};
-use tracing::Instrument;
 
+use crate::handler::environment::task_environment;
+use crate::handler::output;
+use crate::handler::processes::{self, TaskProcesses};
+use crate::handler::progress::{self, ProgressWatch};
+use crate::handler::scratch::TaskDir;
 use crate::handler::{Failure, Outcome, RunContext};
 use crate::task::Task;
 
@@ -38,66 +44,53 @@ pub struct ExecHandler {
     pub permanent_exit_codes: Vec<i32>,
     /// Extra environment from the configuration.
     pub env: Vec<(String, String)>,
-}
-
-/// The `LEASEHOLD_ATTR_` name of an attribute: upper-cased,
-/// non-alphanumerics replaced by `_`.
-pub fn attribute_variable(key: &str) -> String {
-    let mut name = String::from("LEASEHOLD_ATTR_");
-    name.extend(key.chars().map(|c| {
-        if c.is_ascii_alphanumeric() {
-            c.to_ascii_uppercase()
-        } else {
-            '_'
-        }
-    }));
-    name
-}
-
-/// The task's environment, as the handler contract lists it.
-pub fn task_environment(task: &Task, result_file: &std::path::Path) -> Vec<(String, String)> {
-    let mut env = vec![
-        ("LEASEHOLD_TASK_ID".to_string(), task.task_id.clone()),
-        ("LEASEHOLD_KIND".to_string(), task.kind.clone()),
-        ("LEASEHOLD_MESSAGE_ID".to_string(), task.message_id.clone()),
-        ("LEASEHOLD_ATTEMPT".to_string(), task.attempt.to_string()),
-        (
-            "LEASEHOLD_INTERRUPTIONS".to_string(),
-            task.interruptions.to_string(),
-        ),
-        (
-            "LEASEHOLD_RESULT_FILE".to_string(),
-            result_file.display().to_string(),
-        ),
-    ];
-    if let Some(t) = task.publish_time
-        && let Ok(s) = t.format(&time::format_description::well_known::Rfc3339)
-    {
-        env.push(("LEASEHOLD_PUBLISH_TIME".to_string(), s));
-    }
-    for (k, v) in &task.attributes {
-        env.push((attribute_variable(k), v.clone()));
-    }
-    env
-}
-
-/// A result file path unique within this machine.
-fn result_file_path() -> PathBuf {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    std::env::temp_dir().join(format!("leasehold-result-{}-{n}.json", std::process::id()))
+    /// Kill and retry a task whose progress file did not change for this long.
+    pub stall_timeout: Option<Duration>,
+    /// At most one `progress` result event per this.
+    pub progress_interval: Duration,
 }
 
 impl ExecHandler {
+    /// A handler running `program` with `args`, and every other setting at
+    /// its default.
+    pub fn new(program: &str, args: &[&str]) -> ExecHandler {
+        ExecHandler {
+            program: program.to_string(),
+            args: args.iter().map(ToString::to_string).collect(),
+            timeout: None,
+            permanent_exit_codes: Vec::new(),
+            env: Vec::new(),
+            stall_timeout: None,
+            progress_interval: progress::DEFAULT_INTERVAL,
+        }
+    }
+
     /// Runs the command to its outcome.
     pub async fn run(&self, task: &Task, ctx: &RunContext) -> Outcome {
-        let result_file = result_file_path();
-        let outcome = self.run_with(task, ctx, &result_file).await;
-        let _ = std::fs::remove_file(&result_file);
+        let task_env = match task_environment(task) {
+            Ok(env) => env,
+            Err(failure) => return failed(failure, String::new()),
+        };
+        let dir = match TaskDir::create() {
+            Ok(dir) => dir,
+            Err(e) => {
+                let failure = Failure::Spawn(format!("could not create the task directory: {e}"));
+                return failed(failure, String::new());
+            }
+        };
+        let outcome = self.run_in(task, ctx, &dir, task_env).await;
+        dir.remove().await;
         outcome
     }
 
-    async fn run_with(&self, task: &Task, ctx: &RunContext, result_file: &PathBuf) -> Outcome {
+    async fn run_in(
+        &self,
+        task: &Task,
+        ctx: &RunContext,
+        dir: &TaskDir,
+        task_env: Vec<(String, String)>,
+    ) -> Outcome {
+        processes::become_subreaper();
         let mut command = Command::new(&self.program);
         command
             .args(&self.args)
@@ -107,21 +100,25 @@ impl ExecHandler {
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .envs(self.env.iter().cloned())
-            .envs(task_environment(task, result_file))
+            .envs(task_env)
+            .envs(dir.environment())
             .envs(ctx.env.iter().cloned());
+        let mut watch = ProgressWatch::new(
+            dir.progress_file(),
+            self.progress_interval,
+            self.stall_timeout,
+            ctx.progress.clone(),
+        );
         let mut child = match command.spawn() {
             Ok(child) => child,
             Err(e) => {
-                return Outcome::Failed {
-                    failure: Failure::Spawn(format!("{}: {e}", self.program)),
-                    stderr_tail: String::new(),
-                };
+                let failure = Failure::Spawn(format!("{}: {e}", self.program));
+                return failed(failure, String::new());
             }
         };
-        let pgid = child
-            .id()
-            .and_then(|id| i32::try_from(id).ok())
-            .map(Pid::from_raw);
+        let leader = child.id().and_then(|id| i32::try_from(id).ok());
+        let mark = format!("LEASEHOLD_TASK_DIR={}", dir.path().display());
+        let mut tree = leader.map(|pid| TaskProcesses::new(pid, mark.into_bytes()));
 
         // Feed stdin from a task: a handler that does not read it must not block us.
         if let Some(mut stdin) = child.stdin.take() {
@@ -131,54 +128,52 @@ impl ExecHandler {
                 // Dropping stdin closes it: the handler sees end of input.
             });
         }
-        // In the task's span, so each forwarded line carries the task's fields.
-        let span = tracing::Span::current();
-        let stdout = child.stdout.take().map(|s| {
-            let id = task.task_id.clone();
-            tokio::spawn(forward_lines(s, id, "stdout", 0).instrument(span.clone()))
-        });
-        let stderr = child.stderr.take().map(|s| {
-            let id = task.task_id.clone();
-            tokio::spawn(forward_lines(s, id, "stderr", STDERR_TAIL_BYTES).instrument(span.clone()))
-        });
+        let stdout = child.stdout.take().map(|s| output::forward(s, "stdout", 0));
+        let stderr = child
+            .stderr
+            .take()
+            .map(|s| output::forward(s, "stderr", STDERR_TAIL_BYTES));
 
         let timeout = self.timeout.unwrap_or(Duration::MAX);
-        let (ended, exited) = tokio::select! {
-            status = child.wait() => (Ended::Exited, Some(status)),
-            () = sleep_for(timeout) => (Ended::TimedOut, None),
-            () = ctx.stop.cancelled() => (Ended::Stopped, None),
-        };
+        let (ended, exited) = wait(&mut child, timeout, ctx, &mut watch, &mut tree).await;
+        let pgid = leader.map(Pid::from_raw);
         let status = match exited {
             Some(status) => status,
             None => stop_group(&mut child, pgid, ctx.kill_grace).await,
         };
-        // Whatever the leader did, nothing of the group may outlive the task.
+        // Whatever the leader did, nothing the task started may outlive it.
         if let Some(pgid) = pgid {
             let _ = killpg(pgid, Signal::SIGKILL);
         }
-        if let Some(h) = stdout {
-            let _ = h.await;
+        if let Some(tree) = tree {
+            tree.end().await;
         }
-        let stderr_tail = match stderr {
-            Some(h) => h.await.unwrap_or_default(),
-            None => String::new(),
-        };
+        watch.finish().await;
+        let (_, stderr_tail) = tokio::join!(
+            output::finish(stdout, "stdout"),
+            output::finish(stderr, "stderr")
+        );
 
         let failure = match (ended, status) {
             (Ended::TimedOut, _) => Failure::Timeout(timeout),
+            (Ended::Stalled, _) => Failure::Stalled(self.stall_timeout.unwrap_or_default()),
             (Ended::Stopped, _) => Failure::Interrupted,
             (Ended::Exited, Err(e)) => Failure::Spawn(format!("waiting for the handler: {e}")),
             (Ended::Exited, Ok(status)) if status.success() => {
                 return Outcome::Succeeded {
-                    result: read_result(result_file, &task.task_id),
+                    result: read_result(&dir.result_file(), &task.task_id),
                 };
             }
             (Ended::Exited, Ok(status)) => classify(status, &self.permanent_exit_codes),
         };
-        Outcome::Failed {
-            failure,
-            stderr_tail,
-        }
+        failed(failure, stderr_tail)
+    }
+}
+
+fn failed(failure: Failure, stderr_tail: String) -> Outcome {
+    Outcome::Failed {
+        failure,
+        stderr_tail,
     }
 }
 
@@ -187,7 +182,39 @@ impl ExecHandler {
 enum Ended {
     Exited,
     TimedOut,
+    Stalled,
     Stopped,
+}
+
+/// Waits for the leader's exit, the timeout, a stall or a stop; meanwhile
+/// reads progress and records the task's processes every second.
+async fn wait(
+    child: &mut Child,
+    timeout: Duration,
+    ctx: &RunContext,
+    watch: &mut ProgressWatch,
+    tree: &mut Option<TaskProcesses>,
+) -> (Ended, Option<std::io::Result<ExitStatus>>) {
+    let deadline = sleep_for(timeout);
+    tokio::pin!(deadline);
+    let mut tick = tokio::time::interval(progress::POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            status = child.wait() => return (Ended::Exited, Some(status)),
+            () = &mut deadline => return (Ended::TimedOut, None),
+            () = ctx.stop.cancelled() => return (Ended::Stopped, None),
+            _ = tick.tick() => {
+                if watch.tick().await {
+                    return (Ended::Stalled, None);
+                }
+                if let Some(t) = tree.take() {
+                    *tree = Some(t.watch().await);
+                }
+            }
+        }
+    }
 }
 
 async fn sleep_for(d: Duration) {
@@ -228,40 +255,8 @@ fn classify(status: ExitStatus, permanent: &[i32]) -> Failure {
     }
 }
 
-/// Logs each line with the task id; returns the last `keep` bytes.
-async fn forward_lines(
-    stream: impl AsyncRead + Unpin,
-    task_id: String,
-    name: &'static str,
-    keep: usize,
-) -> String {
-    let mut lines = BufReader::new(stream).lines();
-    let mut tail: VecDeque<String> = VecDeque::new();
-    let mut tail_len = 0;
-    // Non-UTF-8 output or a closed pipe ends forwarding, not the task.
-    while let Ok(Some(line)) = lines.next_line().await {
-        tracing::info!(task_id = %task_id, stream = name, "{line}");
-        if keep > 0 {
-            tail_len += line.len() + 1;
-            tail.push_back(line);
-            while tail_len > keep && tail.len() > 1 {
-                tail_len -= tail.pop_front().map_or(0, |l| l.len() + 1);
-            }
-        }
-    }
-    let mut text = tail.into_iter().collect::<Vec<_>>().join("\n");
-    if text.len() > keep {
-        let mut cut = text.len() - keep;
-        while !text.is_char_boundary(cut) {
-            cut += 1;
-        }
-        text = text[cut..].to_string();
-    }
-    text
-}
-
 /// The handler's result JSON, if it wrote a valid one of at most 1 MiB.
-fn read_result(path: &PathBuf, task_id: &str) -> Option<serde_json::Value> {
+fn read_result(path: &Path, task_id: &str) -> Option<serde_json::Value> {
     let meta = std::fs::metadata(path).ok()?;
     if meta.len() > MAX_RESULT_BYTES {
         tracing::warn!(

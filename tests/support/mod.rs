@@ -409,3 +409,46 @@ pub fn first_event(log: &Path, pred: impl Fn(&Event) -> bool) -> Event {
         .cloned()
         .unwrap_or_else(|| panic!("no such event in {ev:?}"))
 }
+
+/// A `/bin/sh -c SCRIPT` handler of the CPU executor as a TOML table, with
+/// `extra` keys.
+pub fn shell_handler(kind: &str, script: &str, extra: &str) -> String {
+    format!(
+        "[handlers.{kind}]\nexecutor = \"cpu\"\ncommand = [\"/bin/sh\", \"-c\", {}]\n{extra}\n",
+        toml_string(script)
+    )
+}
+
+/// Pulls (and acks) from `subscription` until `done(got)` or `limit` passed.
+pub async fn pull_until(
+    world: &World,
+    subscription: &str,
+    limit: Duration,
+    done: impl Fn(&[ReceivedMessage]) -> bool,
+) -> Vec<ReceivedMessage> {
+    let dp = world.data_plane();
+    let mut got = Vec::new();
+    let start = Instant::now();
+    while !done(&got) && start.elapsed() < limit {
+        let batch = dp.pull(subscription, 100).await.unwrap();
+        if !batch.is_empty() {
+            let ids = batch.iter().map(|m| m.ack_id.clone()).collect();
+            dp.acknowledge(subscription, ids, Duration::from_secs(10))
+                .await
+                .unwrap();
+        }
+        got.extend(batch);
+    }
+    got
+}
+
+/// A received message's attributes.
+pub fn message_attributes(m: &ReceivedMessage) -> std::collections::BTreeMap<String, String> {
+    let message = m.message.as_ref().expect("a message body");
+    message.attributes.clone().into_iter().collect()
+}
+
+/// A received message's data as JSON.
+pub fn message_json(m: &ReceivedMessage) -> serde_json::Value {
+    serde_json::from_slice(&m.message.as_ref().expect("a message body").data).unwrap()
+}
