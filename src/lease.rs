@@ -6,12 +6,14 @@
 //! - [`book`]: the pure, synchronous record of leases (no I/O, no clock of its
 //!   own: every method takes `now`).
 //! - [`lease_loop`]: the loop around it that owns the timers, extends, and
-//!   tells a task when its lease is lost or past `max_lease`.
+//!   tells a task when its lease is lost or past `max_lease`; [`handle`]:
+//!   its settings and how the puller and tasks talk to it.
 //! - [`sender`]: the batched, deadline-bound RPCs the loop sends.
 //! - [`batch`]: cutting ack ids into requests Pub/Sub accepts.
 
 pub mod batch;
 pub mod book;
+pub mod handle;
 pub mod lease_loop;
 mod sender;
 
@@ -22,9 +24,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub use book::{LeaseBook, Round};
-pub use lease_loop::{LeaseHandle, LeaseLoop, LeaseLoopOptions};
+pub use handle::{LeaseHandle, LeaseLoopOptions};
+pub use lease_loop::LeaseLoop;
 
-use lease_loop::Command;
+use handle::Command;
 
 /// Why a task must stop before its handler ends: its lease says so.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -14,94 +14,16 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::{Instant, sleep_until};
 
+use crate::lease::handle::Command;
 use crate::lease::sender::{Sender, Sent};
-use crate::lease::{Interruption, Lease, LeaseBook, Watch, batch};
+use crate::lease::{Interruption, LeaseBook, LeaseHandle, LeaseLoopOptions, Watch, batch};
 use crate::metrics::Metrics;
 use crate::pubsub::{DataPlane, RpcError};
-
-/// Settings of one lease loop.
-#[derive(Debug, Clone)]
-pub struct LeaseLoopOptions {
-    /// Full subscription path for RPCs.
-    pub subscription: String,
-    /// Subscription id for metric labels and logs.
-    pub label: String,
-    /// The deadline assumed for a freshly pulled message (see `worker`).
-    pub first_deadline: Duration,
-    /// What each extension asks for.
-    pub extension: Duration,
-    /// A task whose lease reaches this age is told to stop.
-    pub max_lease: Duration,
-    /// How long acks wait to be batched with others.
-    pub ack_flush: Duration,
-    /// How long an ack or deadline change is retried before giving up (the
-    /// message is then redelivered: at-least-once).
-    pub give_up_after: Duration,
-}
-
-impl Default for LeaseLoopOptions {
-    fn default() -> Self {
-        LeaseLoopOptions {
-            subscription: String::new(),
-            label: String::new(),
-            first_deadline: Duration::from_secs(10),
-            extension: Duration::from_secs(60),
-            max_lease: Duration::from_secs(24 * 3600),
-            ack_flush: Duration::from_millis(20),
-            give_up_after: Duration::from_secs(60),
-        }
-    }
-}
-
-/// What leases and the puller tell the loop.
-#[derive(Debug)]
-pub(super) enum Command {
-    /// Start leasing these freshly pulled messages.
-    Hold(Vec<(String, Arc<Watch>)>),
-    /// The task succeeded (or was dead-lettered): acknowledge.
-    Ack(String),
-    /// Stop leasing and set this deadline: a retry's backoff, or 0 to release.
-    Modify(String, u32),
-    /// Stop leasing a lost lease; send nothing.
-    Forget(String),
-}
-
-/// The sender side of one subscription's lease loop: the puller's, to turn
-/// pulled messages into [`Lease`]s.
-#[derive(Clone, Debug)]
-pub struct LeaseHandle {
-    tx: mpsc::UnboundedSender<Command>,
-    first_deadline: Duration,
-}
-
-impl LeaseHandle {
-    /// Starts leasing freshly pulled messages, by ack id; call as soon as
-    /// Pull returns them. Each returned lease must be ended by its task.
-    pub fn hold(&self, ack_ids: Vec<String>) -> Vec<Lease> {
-        let expires = Instant::now() + self.first_deadline;
-        let held: Vec<(String, Arc<Watch>)> = ack_ids
-            .into_iter()
-            .map(|id| (id, Watch::new(expires)))
-            .collect();
-        let leases = held
-            .iter()
-            .map(|(id, watch)| Lease::new(id.clone(), self.clone(), watch.clone()))
-            .collect();
-        self.send(Command::Hold(held));
-        leases
-    }
-
-    pub(super) fn send(&self, command: Command) {
-        // A closed loop means the worker is gone; nothing can be done then.
-        let _ = self.tx.send(command);
-    }
-}
 
 /// What a finished RPC reports back to the loop.
 enum Done {
@@ -141,10 +63,7 @@ impl LeaseLoop {
         metrics: Metrics,
     ) -> (LeaseHandle, JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let handle = LeaseHandle {
-            tx,
-            first_deadline: options.first_deadline,
-        };
+        let handle = LeaseHandle::new(tx, options.first_deadline);
         let lease_loop = LeaseLoop {
             sender: Sender {
                 data_plane,

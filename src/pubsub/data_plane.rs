@@ -147,6 +147,31 @@ impl GrpcDataPlane {
         self
     }
 
+    /// One Acknowledge or ModifyAckDeadline: credentials and the routing
+    /// header on it, `timeout` sent as `grpc-timeout` and enforced here.
+    async fn unary<T, F, Fut>(
+        &self,
+        rpc: &'static str,
+        subscription: &str,
+        body: T,
+        timeout: Duration,
+        send: F,
+    ) -> Result<(), RpcError>
+    where
+        F: FnOnce(SubscriberClient<Channel>, tonic::Request<T>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<()>, tonic::Status>>,
+    {
+        with_deadline(rpc, timeout, async {
+            let mut request = self.request(rpc, subscription, body).await?;
+            request.set_timeout(timeout);
+            send(self.client.clone(), request)
+                .await
+                .map(|_| ())
+                .map_err(|s| rpc_error(rpc, &s))
+        })
+        .await
+    }
+
     async fn request<T>(
         &self,
         rpc: &'static str,
@@ -243,16 +268,13 @@ impl DataPlane for GrpcDataPlane {
             subscription: subscription.to_string(),
             ack_ids,
         };
-        with_deadline("Acknowledge", timeout, async {
-            let mut request = self.request("Acknowledge", subscription, body).await?;
-            request.set_timeout(timeout);
-            self.client
-                .clone()
-                .acknowledge(request)
-                .await
-                .map(|_| ())
-                .map_err(|s| rpc_error("Acknowledge", &s))
-        })
+        self.unary(
+            "Acknowledge",
+            subscription,
+            body,
+            timeout,
+            |mut c, r| async move { c.acknowledge(r).await },
+        )
         .await
     }
 
@@ -268,18 +290,13 @@ impl DataPlane for GrpcDataPlane {
             ack_ids,
             ack_deadline_seconds: seconds,
         };
-        with_deadline("ModifyAckDeadline", timeout, async {
-            let mut request = self
-                .request("ModifyAckDeadline", subscription, body)
-                .await?;
-            request.set_timeout(timeout);
-            self.client
-                .clone()
-                .modify_ack_deadline(request)
-                .await
-                .map(|_| ())
-                .map_err(|s| rpc_error("ModifyAckDeadline", &s))
-        })
+        self.unary(
+            "ModifyAckDeadline",
+            subscription,
+            body,
+            timeout,
+            |mut c, r| async move { c.modify_ack_deadline(r).await },
+        )
         .await
     }
 }

@@ -10,6 +10,14 @@ use crate::testing::{Call, FakeDataPlane};
 const SEC: Duration = Duration::from_secs(1);
 
 fn start(fake: &Arc<FakeDataPlane>) -> (LeaseHandle, JoinHandle<()>, Metrics) {
+    start_with_max_lease(fake, 3600 * SEC)
+}
+
+/// A loop on `fake` with a 10 s first deadline, 60 s extensions and `max_lease`.
+fn start_with_max_lease(
+    fake: &Arc<FakeDataPlane>,
+    max_lease: Duration,
+) -> (LeaseHandle, JoinHandle<()>, Metrics) {
     let metrics = Metrics::new();
     let (handle, task) = LeaseLoop::spawn(
         fake.clone(),
@@ -18,7 +26,7 @@ fn start(fake: &Arc<FakeDataPlane>) -> (LeaseHandle, JoinHandle<()>, Metrics) {
             label: "s".into(),
             first_deadline: 10 * SEC,
             extension: 60 * SEC,
-            max_lease: 3600 * SEC,
+            max_lease,
             ..LeaseLoopOptions::default()
         },
         metrics.clone(),
@@ -307,19 +315,7 @@ async fn refused_ids_are_lost_alone_and_the_rest_of_the_batch_extended() {
 #[tokio::test(start_paused = true)]
 async fn a_lease_past_max_lease_tells_its_task_and_stays_extended() {
     let fake = Arc::new(FakeDataPlane::default());
-    let metrics = Metrics::new();
-    let (lease, _task) = LeaseLoop::spawn(
-        fake.clone(),
-        LeaseLoopOptions {
-            subscription: "projects/p/subscriptions/s".into(),
-            label: "s".into(),
-            first_deadline: 10 * SEC,
-            extension: 60 * SEC,
-            max_lease: 100 * SEC,
-            ..LeaseLoopOptions::default()
-        },
-        metrics.clone(),
-    );
+    let (lease, _task, metrics) = start_with_max_lease(&fake, 100 * SEC);
     let held = lease.hold(vec!["a".into()]);
     settle().await;
     run_for(120 * SEC).await;
