@@ -13,6 +13,8 @@ use tokio::time::Instant;
 pub struct Activity {
     /// The last Pull succeeded (readiness).
     pull_ok: AtomicBool,
+    /// The credentials gave up for good: only a restart helps (liveness).
+    credentials_lost: AtomicBool,
     /// When a Pull last returned a message (Job mode's idle clock). A std
     /// Mutex: held for a load or a store, never across an await.
     last_message: Mutex<Instant>,
@@ -23,6 +25,7 @@ impl Activity {
     pub fn new() -> Self {
         Activity {
             pull_ok: AtomicBool::new(false),
+            credentials_lost: AtomicBool::new(false),
             last_message: Mutex::new(Instant::now()),
         }
     }
@@ -30,6 +33,11 @@ impl Activity {
     /// Records how the last Pull went.
     pub fn pulled(&self, ok: bool) {
         self.pull_ok.store(ok, Ordering::Relaxed);
+    }
+
+    /// Records that the credentials refused for good (see `RpcError`).
+    pub fn lost_credentials(&self) {
+        self.credentials_lost.store(true, Ordering::Relaxed);
     }
 
     /// Records that a Pull brought messages now.
@@ -92,9 +100,16 @@ impl Health {
         }
     }
 
-    /// Liveness: false once a loop that must run until shutdown has ended.
+    /// Liveness: false once a loop that must run until shutdown has ended,
+    /// or the credentials gave up for good.
     pub fn alive(&self) -> bool {
         !self.broken.load(Ordering::Relaxed)
+            && !self
+                .activities
+                .lock()
+                .expect("health lock")
+                .iter()
+                .any(|a| a.credentials_lost.load(Ordering::Relaxed))
     }
 
     /// The worker is stopping: readiness goes off for good.
@@ -140,5 +155,8 @@ mod tests {
         assert!(h.alive());
         h.set_broken();
         assert!(!h.alive());
+        let h = Health::default();
+        h.watch().lost_credentials();
+        assert!(!h.alive(), "fresh credentials need a restart");
     }
 }

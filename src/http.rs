@@ -37,7 +37,7 @@ async fn healthz(State(s): State<AppState>) -> impl IntoResponse {
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            "a worker loop ended unexpectedly\n",
+            "a worker loop ended unexpectedly, or the credentials gave up for good\n",
         )
     }
 }

@@ -101,6 +101,11 @@ impl Puller {
                 }
                 Err(e) => {
                     self.activity.pulled(false);
+                    if e.credentials_lost {
+                        tracing::error!(subscription = %label, error = %e,
+                            "the credentials refused for good to make an access token; failing liveness so the pod is restarted with fresh ones");
+                        self.activity.lost_credentials();
+                    }
                     self.metrics
                         .pull_errors
                         .with_label_values(&[&label, e.code_label()])

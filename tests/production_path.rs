@@ -567,3 +567,38 @@ async fn unreadable_subscriptions_are_warned_about_and_uncounted_failures_dead_l
         "warned once: {log}"
     );
 }
+
+/// Credentials refused for good (a refresh token the endpoint answers with
+/// `invalid_grant`): google-cloud-auth never tries again in this process,
+/// so the worker fails liveness (`/healthz` 503) to be restarted, instead of
+/// sitting unready forever while looking alive.
+#[tokio::test(flavor = "multi_thread")]
+async fn credentials_refused_for_good_fail_liveness() {
+    let p = Production::new("invalid-grant", "", Duration::from_secs(300));
+    p.world.setup().await;
+    let mut adc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(p.front.adc_file()).unwrap()).unwrap();
+    adc["refresh_token"] = "revoked-refresh-token".into();
+    let bad_adc = p.world.path("revoked-adc.json");
+    std::fs::write(&bad_adc, adc.to_string()).unwrap();
+    let command = p.leasehold_trusting(&["run"], p.front.ca_file(), &bad_adc);
+    let worker = WorkerProcess::spawn(command, p.world.path("w1.log"));
+    let addr = worker.http_addr().await;
+    let start = Instant::now();
+    loop {
+        if http_get(&addr, "/healthz").is_ok_and(|(s, _)| s == 503) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "/healthz never failed\n{}",
+            worker.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        worker.log().contains("failing liveness"),
+        "{}",
+        worker.log()
+    );
+}

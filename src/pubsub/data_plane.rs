@@ -34,6 +34,9 @@ pub struct RpcError {
     /// On an exactly-once subscription, the ack ids that failed when the
     /// rest of the batch succeeded; `None` when the whole call failed.
     pub failed_ids: Option<FailedIds>,
+    /// The credentials refused for good to make a token: this process will
+    /// never call Pub/Sub again (the worker fails liveness to be restarted).
+    pub credentials_lost: bool,
 }
 
 /// The ack ids of a batch that failed on their own.
@@ -54,6 +57,7 @@ impl RpcError {
             code,
             message: message.into(),
             failed_ids: None,
+            credentials_lost: false,
         }
     }
 
@@ -184,15 +188,21 @@ impl GrpcDataPlane {
             // The token endpoint (metadata server) down is transient, like
             // Pub/Sub down: callers retry it. Only a refusal is Unauthenticated.
             Err(e) => {
-                return Err(RpcError::new(
-                    rpc,
-                    if e.is_transient() {
-                        tonic::Code::Unavailable
-                    } else {
-                        tonic::Code::Unauthenticated
-                    },
-                    format!("cannot get an access token: {e}"),
-                ));
+                return Err(RpcError {
+                    // google-cloud-auth gives up for good on a permanent
+                    // refusal (e.g. invalid_grant): only a new process gets a
+                    // new credential.
+                    credentials_lost: !e.is_transient(),
+                    ..RpcError::new(
+                        rpc,
+                        if e.is_transient() {
+                            tonic::Code::Unavailable
+                        } else {
+                            tonic::Code::Unauthenticated
+                        },
+                        format!("cannot get an access token: {e}"),
+                    )
+                });
             }
         };
         let mut request = tonic::Request::new(body);
