@@ -17,6 +17,8 @@
 //!   the [`executor`]'s slot, decide the [`disposition`], end the lease.
 //! - [`dead_letter`], [`results`]: what is published about a task.
 //! - [`worker`]: all of the above per executor, plus the shutdown sequence.
+//! - [`pod`]: the worker's own pod annotated busy or idle, so scale-in
+//!   takes idle pods first.
 //!
 //! Around them: [`config`] (layered, validated configuration), [`pubsub`]
 //! (connection, data plane, publisher, producer, `setup`), [`health`],
@@ -39,6 +41,7 @@ pub mod health;
 pub mod http;
 pub mod lease;
 pub mod metrics;
+pub mod pod;
 pub mod pubsub;
 pub mod puller;
 pub mod results;
