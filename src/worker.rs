@@ -28,6 +28,7 @@ use crate::handler::HandlerRegistry;
 use crate::health::Health;
 use crate::lease::{LeaseLoop, LeaseLoopOptions};
 use crate::metrics::Metrics;
+use crate::pod::WorkInProgress;
 use crate::pubsub::{Connection, ConnectionError, DataPlane, GooglePublisher, Publisher};
 use crate::puller::{MAX_PULL, Puller, pull_loops};
 use crate::results::Results;
@@ -136,6 +137,10 @@ pub async fn run_with(
         source,
     })?;
     tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+    // Busy pods are the last to go: when in a pod, its annotations follow `work`.
+    let work = WorkInProgress::new();
+    let stop_annotating = CancellationToken::new();
+    let annotating = crate::pod::annotate(&env, &work, stop_annotating.clone()).await;
 
     let mut running = Running::default();
     let results = Results::new(
@@ -151,6 +156,7 @@ pub async fn run_with(
         results: &results,
         metrics: &metrics,
         health: &health,
+        work: &work,
     };
     metrics.init_known_series(
         &executors
@@ -172,6 +178,10 @@ pub async fn run_with(
     health.set_stopping();
     running.shut_down(config.shutdown.grace).await;
     stop_http.cancel();
+    stop_annotating.cancel();
+    if let Some(annotating) = annotating {
+        let _ = annotating.await;
+    }
     tracing::info!("worker stopped");
     Ok(())
 }
@@ -184,6 +194,7 @@ struct Shared<'a> {
     results: &'a Results,
     metrics: &'a Metrics,
     health: &'a Health,
+    work: &'a Arc<WorkInProgress>,
 }
 
 /// The running loops of the worker and the tokens that stop them.
@@ -249,6 +260,7 @@ impl Running {
                 kill_grace: config.shutdown.kill_grace,
                 max_lease: config.lease.max_lease,
                 metrics: (*metrics).clone(),
+                work: shared.work.clone(),
             },
         );
         let loops = pull_loops(executor.slots());
