@@ -1,7 +1,8 @@
 //! The annotator: watches the work in progress and patches the pod's
 //! annotations on each busy/idle change, and while busy at most once a
 //! minute (the cost grows with the task time). A failed patch is warned once
-//! per run of failures and retried once a minute; tasks never wait for it.
+//! per run of failures and tried again on the next change or a minute
+//! later; tasks never wait for it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -114,13 +115,12 @@ impl Annotator {
                 match &error {
                     PatchError::Refused { .. } => tracing::warn!(%pod, %error,
                         "cannot annotate this pod: scale-in and the cluster autoscaler may pick it \
-                         while it runs a task (the worker needs get and patch on pods, as \
+                         while it runs a task (the worker needs patch on pods, as \
                          manifests/base/rbac.yaml grants); tasks are not affected, and the \
-                         patch is retried quietly once a minute"),
+                         worker keeps trying quietly"),
                     PatchError::Unavailable(_) => tracing::warn!(%pod, %error,
                         "cannot annotate this pod for now: scale-in may pick it while it runs \
-                         a task; tasks are not affected, and the patch is retried quietly once \
-                         a minute"),
+                         a task; tasks are not affected, and the worker keeps trying quietly"),
                 }
                 Some(false)
             }
