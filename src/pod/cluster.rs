@@ -302,6 +302,16 @@ mod tests {
         }
     }
 
+    /// kube's rustls needs a crypto provider: ours is aws-lc-rs (no ring in
+    /// the tree), and an API over TLS with its own CA gets a client.
+    #[tokio::test]
+    async fn an_api_over_tls_gets_a_client() {
+        let ca = rcgen::generate_simple_self_signed(vec!["kubernetes.default.svc".into()]).unwrap();
+        let mut config = kube::Config::new("https://kubernetes.default.svc".parse().unwrap());
+        config.root_cert = Some(vec![ca.cert.der().to_vec()]);
+        kube::Client::try_from(config).expect("a TLS client");
+    }
+
     #[tokio::test]
     async fn a_missing_kubeconfig_is_an_error_naming_it() {
         let source = ApiSource::Kubeconfig(vec!["/nonexistent/kubeconfig".into()]);
