@@ -91,6 +91,8 @@ pub struct DispatcherParts {
     pub max_lease: Duration,
     /// Counters and histograms.
     pub metrics: Metrics,
+    /// What runs now, for the pod's annotations (busy pods are the last to go).
+    pub work: Arc<crate::pod::WorkInProgress>,
 }
 
 /// Runs the messages of one executor; shared by its pull loops as an `Arc`.
@@ -164,6 +166,7 @@ impl Dispatcher {
                 .observe(wait.max(0.0));
         }
         let _in_progress = InProgress::new(metrics, self.executor.name());
+        let _working = self.parts.work.start();
         tracing::info!(device = slot.device(), "task started");
         let start = Instant::now();
         let started_at = time::OffsetDateTime::now_utc();

@@ -18,6 +18,8 @@
 //! - [`dead_letter`], [`results`]: what is published about a task;
 //!   [`hand_back`]: a task interrupted by shutdown goes back as a copy.
 //! - [`worker`]: all of the above per executor, plus the shutdown sequence.
+//! - [`pod`]: the worker's own pod annotated busy or idle, so scale-in
+//!   takes idle pods first.
 //!
 //! Around them: [`config`] (layered, validated configuration), [`pubsub`]
 //! (connection, data plane, publisher, producer, `setup`), [`health`],
@@ -41,6 +43,7 @@ pub mod health;
 pub mod http;
 pub mod lease;
 pub mod metrics;
+pub mod pod;
 pub mod pubsub;
 pub mod puller;
 pub mod results;

@@ -187,37 +187,16 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex};
+    use crate::testing::LogBuffer;
+    use std::sync::Mutex;
 
-    /// A writer into a shared buffer, one JSON object per line.
-    #[derive(Clone, Default)]
-    struct Buffer(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Buffer {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl<'a> MakeWriter<'a> for Buffer {
-        type Writer = Buffer;
-        fn make_writer(&'a self) -> Self::Writer {
-            self.clone()
-        }
-    }
-
-    impl Buffer {
-        fn lines(&self) -> Vec<serde_json::Value> {
-            String::from_utf8(self.0.lock().unwrap().clone())
-                .unwrap()
-                .lines()
-                .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-                .collect()
-        }
+    /// The captured lines, one JSON object each.
+    fn json_lines(buffer: &LogBuffer) -> Vec<serde_json::Value> {
+        buffer
+            .text()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect()
     }
 
     const PRODUCER_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -233,13 +212,13 @@ mod tests {
         let _serial = SERIAL
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let buffer = Buffer::default();
+        let buffer = LogBuffer::default();
         let (subscriber, logging) = json_subscriber(EnvFilter::new("debug"), buffer.clone());
         if let Some(project) = project {
             logging.set_project(project);
         }
         tracing::subscriber::with_default(subscriber, body);
-        buffer.lines()
+        json_lines(&buffer)
     }
 
     fn task_span() -> tracing::Span {

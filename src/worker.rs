@@ -23,6 +23,7 @@ use crate::executor::{Executor, ExecutorError};
 use crate::handler::HandlerRegistry;
 use crate::health::Health;
 use crate::metrics::Metrics;
+use crate::pod::WorkInProgress;
 use crate::pubsub::admin::ContractError;
 use crate::pubsub::{Connection, ConnectionError, DataPlane, GooglePublisher, Publisher};
 use crate::results::Results;
@@ -170,6 +171,10 @@ async fn run_prepared(
         source,
     })?;
     tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+    // Busy pods are the last to go: when in a pod, its annotations follow `work`.
+    let work = WorkInProgress::new();
+    let stop_annotating = CancellationToken::new();
+    let annotating = crate::pod::annotate(&env, &work, stop_annotating.clone()).await;
 
     let mut running = Running::default();
     let results = Results::new(
@@ -185,6 +190,7 @@ async fn run_prepared(
         results: &results,
         metrics: &metrics,
         health: &health,
+        work: &work,
     };
     metrics.init_known_series(
         &executors
@@ -206,6 +212,10 @@ async fn run_prepared(
     health.set_stopping();
     running.shut_down(config.shutdown.grace).await;
     stop_http.cancel();
+    stop_annotating.cancel();
+    if let Some(annotating) = annotating {
+        let _ = annotating.await;
+    }
     tracing::info!("worker stopped");
     Ok(())
 }

@@ -20,6 +20,7 @@ use crate::handler::HandlerRegistry;
 use crate::health::Health;
 use crate::lease::{LeaseLoop, LeaseLoopOptions};
 use crate::metrics::Metrics;
+use crate::pod::WorkInProgress;
 use crate::puller::{MAX_PULL, Puller, pull_loops};
 use crate::results::Results;
 
@@ -31,6 +32,8 @@ pub(super) struct Shared<'a> {
     pub results: &'a Results,
     pub metrics: &'a Metrics,
     pub health: &'a Health,
+    /// What runs now, for the pod's annotations.
+    pub work: &'a Arc<WorkInProgress>,
 }
 
 /// The running loops of the worker and the tokens that stop them.
@@ -99,6 +102,7 @@ impl Running {
                 kill_grace: config.shutdown.kill_grace,
                 max_lease: config.lease.max_lease,
                 metrics: (*metrics).clone(),
+                work: shared.work.clone(),
             },
         );
         let loops = pull_loops(executor.slots());
