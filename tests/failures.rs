@@ -6,7 +6,7 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use leasehold::pubsub::{DataPlane, ReceivedMessage};
+use leasehold::pubsub::ReceivedMessage;
 use nix::sys::signal::Signal;
 use support::*;
 
@@ -23,38 +23,18 @@ fn handler(kind: &str, script: &str, extra: &str) -> String {
 
 /// Collects messages from a subscription until `n` arrived (or 30 s passed), acking them.
 async fn collect(world: &World, subscription: &str, n: usize) -> Vec<ReceivedMessage> {
-    let mut got = Vec::new();
-    let start = tokio::time::Instant::now();
-    while got.len() < n && start.elapsed() < Duration::from_secs(30) {
-        let batch = world.pull_for(subscription, Duration::from_secs(1)).await;
-        if !batch.is_empty() {
-            world
-                .data_plane()
-                .acknowledge(
-                    subscription,
-                    batch.iter().map(|m| m.ack_id.clone()).collect(),
-                    Duration::from_secs(10),
-                )
-                .await
-                .unwrap();
-        }
-        got.extend(batch);
-    }
-    got
+    pull_until(world, subscription, Duration::from_secs(30), |got| {
+        got.len() >= n
+    })
+    .await
 }
 
 fn attrs(m: &ReceivedMessage) -> BTreeMap<String, String> {
-    m.message
-        .as_ref()
-        .unwrap()
-        .attributes
-        .clone()
-        .into_iter()
-        .collect()
+    message_attributes(m)
 }
 
 fn json(m: &ReceivedMessage) -> serde_json::Value {
-    serde_json::from_slice(&m.message.as_ref().unwrap().data).unwrap()
+    message_json(m)
 }
 
 #[tokio::test(flavor = "multi_thread")]

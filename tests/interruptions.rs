@@ -9,7 +9,7 @@ mod support;
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use support::*;
@@ -134,11 +134,7 @@ async fn an_always_failing_task_interrupted_twice_fails_exactly_max_attempts_tim
     // Attempts 2 and 3 fail; then the dead letter.
     let w3 = world.spawn_worker("w3", &[]);
     let dead = world.subscription(&world.config.pubsub.dead_letter_topic);
-    let mut got = Vec::new();
-    let start = Instant::now();
-    while got.is_empty() && start.elapsed() < Duration::from_secs(40) {
-        got = world.pull_for(&dead, Duration::from_secs(1)).await;
-    }
+    let got = pull_until(&world, &dead, Duration::from_secs(40), |g| !g.is_empty()).await;
     assert_eq!(got.len(), 1, "{}", w3.log());
     let reason = &got[0].message.as_ref().unwrap().attributes["leasehold_error"];
     assert!(reason.contains("gave up after 3 attempts"), "{reason}");

@@ -9,7 +9,6 @@
 mod stall_proxy;
 mod support;
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use leasehold::pubsub::{DataPlane, ReceivedMessage};
@@ -41,30 +40,10 @@ line end
 
 /// Pulls (and acks) from `subscription` until `n` messages came or `secs` passed.
 async fn collect(world: &World, subscription: &str, n: usize, secs: u64) -> Vec<ReceivedMessage> {
-    let dp = world.data_plane();
-    let start = Instant::now();
-    let mut got = Vec::new();
-    while got.len() < n && start.elapsed() < Duration::from_secs(secs) {
-        let batch = dp.pull(subscription, 100).await.unwrap();
-        if !batch.is_empty() {
-            let ids = batch.iter().map(|m| m.ack_id.clone()).collect();
-            dp.acknowledge(subscription, ids, Duration::from_secs(10))
-                .await
-                .unwrap();
-        }
-        got.extend(batch);
-    }
-    got
-}
-
-fn attrs(m: &ReceivedMessage) -> BTreeMap<String, String> {
-    m.message
-        .as_ref()
-        .unwrap()
-        .attributes
-        .clone()
-        .into_iter()
-        .collect()
+    pull_until(world, subscription, Duration::from_secs(secs), |got| {
+        got.len() >= n
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -83,7 +62,7 @@ async fn a_sleep_of_1e20_seconds_is_dead_lettered_at_once_and_the_gauges_return_
         published.elapsed() < Duration::from_secs(10),
         "within seconds"
     );
-    let reason = &attrs(&dead[0])["leasehold_error"];
+    let reason = &message_attributes(&dead[0])["leasehold_error"];
     assert!(reason.contains("bad task input"), "{reason}");
     assert!(reason.contains("seconds must be a number"), "{reason}");
     let sub = &world.config.executors["cpu"].subscription;
@@ -116,7 +95,7 @@ async fn max_lease_stops_the_task_retries_it_and_never_runs_it_twice_at_once() {
     let dead_sub = world.subscription(&world.config.pubsub.dead_letter_topic);
     let dead = collect(&world, &dead_sub, 1, 70).await;
     assert_eq!(dead.len(), 1, "{}", worker.log());
-    let reason = &attrs(&dead[0])["leasehold_error"];
+    let reason = &message_attributes(&dead[0])["leasehold_error"];
     assert!(reason.contains("ran past lease.max_lease"), "{reason}");
     assert!(reason.contains("gave up after 2 attempts"), "{reason}");
 
@@ -182,7 +161,7 @@ async fn a_worker_frozen_past_its_deadline_stops_its_run_when_it_wakes() {
                 serde_json::from_slice(&m.message.as_ref().unwrap().data).unwrap();
             (
                 body["worker"].as_str().unwrap_or_default().to_string(),
-                attrs(m)["outcome"].clone(),
+                message_attributes(m)["outcome"].clone(),
             )
         })
         .collect();
