@@ -78,9 +78,14 @@ impl Recording {
 
 #[async_trait::async_trait]
 impl DataPlane for Recording {
-    async fn pull(&self, sub: &str, max: i32) -> Result<Vec<ReceivedMessage>, RpcError> {
+    async fn pull_within(
+        &self,
+        sub: &str,
+        max: i32,
+        long_poll: Duration,
+    ) -> Result<Vec<ReceivedMessage>, RpcError> {
         let start = Instant::now();
-        let r = self.inner.pull(sub, max).await;
+        let r = self.inner.pull_within(sub, max, long_poll).await;
         let messages = r.as_ref().map_or(0, Vec::len);
         self.record(Rpc {
             name: "pull",

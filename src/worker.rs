@@ -3,7 +3,8 @@
 //!
 //! Shutdown, in order:
 //! 1. stop pulling: each pull loop lets its outstanding Pull answer (at most
-//!    5 s) and releases (deadline 0) whatever that brings;
+//!    5 s; in Job mode at most 1 s after the idle decision, see
+//!    `Puller::long_poll`) and releases (deadline 0) whatever that brings;
 //! 2. running tasks may finish within `shutdown.grace`, their leases still
 //!    extended;
 //! 3. then (and not before our own Pulls ended, so a release is not pulled
@@ -29,7 +30,7 @@ use crate::health::Health;
 use crate::lease::{LeaseLoop, LeaseLoopOptions};
 use crate::metrics::Metrics;
 use crate::pubsub::{Connection, ConnectionError, DataPlane, GooglePublisher, Publisher};
-use crate::puller::{MAX_PULL, Puller, pull_loops};
+use crate::puller::{IDLE_TICK, MAX_PULL, Puller, pull_loops};
 use crate::results::Results;
 
 /// How long one Pull long-polls; shutdown waits at most this for it.
@@ -151,6 +152,7 @@ pub async fn run_with(
         results: &results,
         metrics: &metrics,
         health: &health,
+        exit_when_idle: options.exit_when_idle,
     };
     metrics.init_known_series(
         &executors
@@ -183,7 +185,10 @@ struct Shared<'a> {
     registry: &'a Arc<HandlerRegistry>,
     results: &'a Results,
     metrics: &'a Metrics,
-    health: &'a Health,
+    health: &'a Arc<Health>,
+    /// Job mode's idle period: the pull loops keep their long polls short
+    /// near it.
+    exit_when_idle: Option<Duration>,
 }
 
 /// The running loops of the worker and the tokens that stop them.
@@ -265,6 +270,9 @@ impl Running {
             metrics: (*metrics).clone(),
             stop: self.stop_pulling.clone(),
             activity: shared.health.watch(),
+            health: shared.health.clone(),
+            long_poll: PULL_TIMEOUT,
+            exit_when_idle: shared.exit_when_idle,
         });
         for _ in 0..loops {
             self.pullers.spawn(puller.clone().run());
@@ -309,8 +317,9 @@ impl Running {
         // 1. Stop pulling; 2. let tasks finish within the grace period.
         let grace_ends = tokio::time::Instant::now() + grace;
         self.stop_pulling.cancel();
-        // Our own Pulls end first (within PULL_TIMEOUT), so a message released
-        // below goes to another pod instead of into one of our outstanding Pulls.
+        // Our own Pulls end first (within PULL_TIMEOUT; in Job mode within
+        // JOB_EXIT_BOUND of the idle decision), so a message released below
+        // goes to another pod instead of into one of our outstanding Pulls.
         while self.pullers.join_next().await.is_some() {}
         self.tracker.close();
         if tokio::time::timeout_at(grace_ends, self.tracker.wait())
@@ -348,7 +357,7 @@ async fn wait_idle(idle: Option<Duration>, tracker: &TaskTracker, health: &Healt
     let Some(idle) = idle else {
         return std::future::pending().await;
     };
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut tick = tokio::time::interval(IDLE_TICK);
     let mut last_busy = tokio::time::Instant::now();
     loop {
         tick.tick().await;
