@@ -42,6 +42,9 @@ use leasehold::worker::RunOptions;
 use prost::Message as _;
 use tokio_util::sync::CancellationToken;
 
+#[path = "support/python.rs"]
+mod python;
+
 fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
@@ -361,7 +364,14 @@ async fn python(host: &str, n: usize, max_messages: usize, skip: bool) -> Option
     let w = world(host, &format!("py{max_messages}"), 1, "").await;
     publish(&w, "noop", "", n).await;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/python_peer.py");
-    let out = tokio::process::Command::new("python3")
+    let interpreter = match python::interpreter() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("no Python peer: {e}");
+            return None;
+        }
+    };
+    let out = tokio::process::Command::new(interpreter)
         .arg(script)
         .args([
             "--project",
