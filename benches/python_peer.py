@@ -30,7 +30,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--project", required=True)
     p.add_argument("--subscription", required=True)
-    p.add_argument("--n", type=int, required=True)
+    p.add_argument("--n", type=int, default=0, help="throughput mode: messages to wait for")
     p.add_argument("--max-messages", type=int, default=0, help="FlowControl max_messages; 0 = the client's default")
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--fleet-worker", help="fleet mode: this worker's name")
@@ -39,6 +39,8 @@ def main():
     a = p.parse_args()
     if a.fleet_worker:
         return fleet(a)
+    if a.n <= 0:
+        p.error("--n is required (or --fleet-worker)")
 
     client = pubsub_v1.SubscriberClient()
     path = client.subscription_path(a.project, a.subscription)

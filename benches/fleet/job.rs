@@ -135,7 +135,8 @@ pub struct Probe {
     pub answered: usize,
     /// Cancelled; another consumer got the message within 2 s.
     pub prompt: usize,
-    /// Cancelled; the message came back only after its 10 s ack deadline.
+    /// Cancelled; the message came back only after 2 s or more (its ack
+    /// deadline is 10 s).
     pub stranded: usize,
     /// The longest time another consumer waited for a stranded message.
     pub longest_stranded_s: f64,

@@ -101,8 +101,13 @@ pub struct Report {
     pub bound_is_longest: bool,
     /// Longest-processing-time-first list schedule (an achievable schedule).
     pub lpt_s: f64,
-    /// List schedule in publish order with no overhead (a perfect FIFO dispatcher).
+    /// List schedule in publish order with no overhead (a perfect dispatcher
+    /// if Pub/Sub handed messages out in publish order).
     pub in_order_s: f64,
+    /// List schedule in the order the server handed the messages out (first
+    /// receipt of each task by any worker), with no overhead: the best a
+    /// consumer that cannot see the rest of the backlog can do.
+    pub in_delivery_order_s: f64,
     /// Sum over tasks of the time held by a worker whose slots were all busy
     /// while another worker had a free slot.
     pub wait_behind_busy_s: f64,
@@ -120,6 +125,10 @@ pub struct Report {
     pub gap_p99_ms: f64,
     pub gap_max_ms: f64,
     pub gaps: usize,
+    /// The part of each gap before the next task was in its worker's hands
+    /// (slot frees → receipt; 0 when it was already held): the Pull.
+    pub free_to_receipt_p50_ms: f64,
+    pub free_to_receipt_p99_ms: f64,
 }
 
 /// Nearest-rank percentile of sorted values.
@@ -311,6 +320,7 @@ pub fn analyse(records: &[Record], workers: &BTreeMap<String, usize>, t0: i64) -
         per_slot.entry((&r.worker, &r.slot)).or_default().push(r);
     }
     let mut gaps: Vec<f64> = Vec::new();
+    let mut to_receipt: Vec<f64> = Vec::new();
     for runs in per_slot.values_mut() {
         runs.sort_by_key(|r| r.start);
         for (k, a) in runs.iter().enumerate() {
@@ -319,9 +329,13 @@ pub fn analyse(records: &[Record], workers: &BTreeMap<String, usize>, t0: i64) -
             }
             let next = runs.get(k + 1).map_or(backlog_end, |b| b.start);
             gaps.push((next - a.end) as f64 / 1e3);
+            if let Some(b) = runs.get(k + 1) {
+                to_receipt.push((b.recv - a.end).max(0) as f64 / 1e3);
+            }
         }
     }
     gaps.sort_by(f64::total_cmp);
+    to_receipt.sort_by(f64::total_cmp);
 
     let mut sorted = durations.clone();
     sorted.sort_by(|a, b| b.total_cmp(a));
@@ -336,6 +350,18 @@ pub fn analyse(records: &[Record], workers: &BTreeMap<String, usize>, t0: i64) -
         &in_publish_order.iter().map(|x| x.1).collect::<Vec<_>>(),
         slots,
     );
+    let mut in_delivery_order: Vec<(i64, f64)> = by_task
+        .values()
+        .map(|v| {
+            let first_receipt = v.iter().map(|r| r.recv).min().unwrap_or(v[0].start);
+            (first_receipt, (v[0].end - v[0].start) as f64 / 1e6)
+        })
+        .collect();
+    in_delivery_order.sort_by_key(|x| x.0);
+    let in_delivery_order = list_schedule(
+        &in_delivery_order.iter().map(|x| x.1).collect::<Vec<_>>(),
+        slots,
+    );
     let bound_total = work / slots.max(1) as f64;
     Report {
         tasks: by_task.len(),
@@ -348,6 +374,7 @@ pub fn analyse(records: &[Record], workers: &BTreeMap<String, usize>, t0: i64) -
         bound_is_longest: longest > bound_total,
         lpt_s: lpt,
         in_order_s: in_order,
+        in_delivery_order_s: in_delivery_order,
         wait_behind_busy_s: wait,
         tasks_waited,
         received_while_full,
@@ -357,6 +384,8 @@ pub fn analyse(records: &[Record], workers: &BTreeMap<String, usize>, t0: i64) -
         gap_p99_ms: percentile(&gaps, 99.0),
         gap_max_ms: gaps.last().copied().unwrap_or(f64::NAN),
         gaps: gaps.len(),
+        free_to_receipt_p50_ms: percentile(&to_receipt, 50.0),
+        free_to_receipt_p99_ms: percentile(&to_receipt, 99.0),
     }
 }
 
@@ -414,10 +443,14 @@ pub fn self_check() {
     assert!(close(r.makespan_s, 0.150) && close(r.work_s, 0.180));
     // Lower bound max(180/2, 100) = 100 ms, the longest task.
     assert!(close(r.lower_bound_s, 0.100) && r.bound_is_longest);
+    // Delivered t1, t2, t3: t1 on one machine, t2 then t3 on the other.
+    assert!(close(r.in_delivery_order_s, 0.100) && close(r.in_order_s, 0.100));
     // Gaps: a frees at 100, next start 100 (0 ms); b frees at 80, no next
     // start before the backlog ended at 100 (20 ms).
     assert_eq!(r.gaps, 2);
     assert!(close(r.gap_p50_ms, 0.0) && close(r.gap_max_ms, 20.0));
+    // t2 was already held when a freed its slot.
+    assert!(close(r.free_to_receipt_p99_ms, 0.0));
     assert_eq!((r.duplicates, r.unfinished, r.missing_receipts), (0, 0, 0));
     // A second run of t3 is a duplicate.
     let mut again = records.clone();
