@@ -76,9 +76,10 @@ impl Puller {
     /// How long the next Pull may wait for messages: `long_poll`, except in
     /// Job mode, where it ends at most [`JOB_EXIT_BOUND`] after the earliest
     /// moment the worker could decide it is idle. That decision needs the
-    /// idle period with nothing pulled by any executor and nothing running;
-    /// it cannot come sooner than the period after the last message, nor,
-    /// while a task runs, sooner than the period less one [`IDLE_TICK`].
+    /// idle period with nothing pulled by any executor and no task seen
+    /// running ([`Health::idle_for`]); it cannot come sooner than the period
+    /// after that clock's start, nor, while a task runs, sooner than the
+    /// period less one [`IDLE_TICK`] (the clock is sampled every tick).
     /// So Pulls stay long while the decision is far, and the exit after it
     /// waits for no long poll (nor drops one).
     pub fn long_poll(&self) -> Duration {

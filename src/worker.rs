@@ -358,14 +358,13 @@ async fn wait_idle(idle: Option<Duration>, tracker: &TaskTracker, health: &Healt
         return std::future::pending().await;
     };
     let mut tick = tokio::time::interval(IDLE_TICK);
-    let mut last_busy = tokio::time::Instant::now();
     loop {
         tick.tick().await;
         if !tracker.is_empty() {
-            last_busy = tokio::time::Instant::now();
+            health.busy();
             continue;
         }
-        if health.idle_for() >= idle && last_busy.elapsed() >= idle {
+        if health.idle_for() >= idle {
             return;
         }
     }

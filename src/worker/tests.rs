@@ -440,3 +440,21 @@ async fn job_mode_exits_within_a_second_of_its_idle_decision() {
         "short long polls near the decision: {polls:?}"
     );
 }
+
+/// Job mode after a long task: the idle clock starts at the task's end, not
+/// at its message's receipt an age ago, so the free loops keep their 5 s long
+/// polls until the last seconds of the idle period.
+#[tokio::test(start_paused = true)]
+async fn job_mode_keeps_long_polls_until_the_idle_decision_nears() {
+    let mut w = start_with("", Some(60 * SEC));
+    w.dp.push(message("t1", Some("sleep"), r#"{"seconds": 300}"#));
+    (&mut w.worker).await.unwrap().unwrap();
+    let exited = w.started.elapsed();
+    assert!(
+        exited >= 360 * SEC && exited <= 360 * SEC + IDLE_TICK + crate::puller::JOB_EXIT_BOUND,
+        "exited after {exited:?}"
+    );
+    let short = long_polls(&w).iter().filter(|p| **p < 5 * SEC).count();
+    // Two loops, each with a few Pulls shortened near the decision.
+    assert!(short <= 8, "{short} short long polls: {:?}", long_polls(&w));
+}
