@@ -11,7 +11,9 @@
 //! Environment: `BENCH_RUNS` (3), `BENCH_FLEET_SHORT` (600 tasks of 20 ms),
 //! `BENCH_FLEET_LONG` (12 tasks of 2–5 s), `BENCH_SEED` (15),
 //! `BENCH_SKIP_PYTHON=1`, `BENCH_PYTHON` (see `support/python.rs`),
-//! `BENCH_CANCEL_TRIALS` (20), `BENCH_ONLY=fleet|job|paper`. Under `cargo test` a smoke run: a small
+//! `BENCH_CANCEL_TRIALS` (20), `BENCH_ONLY=fleet|job|paper`,
+//! `BENCH_KEEP_RECORDS=1` (keep each world's config and records in the
+//! temporary directory). Under `cargo test` a smoke run: a small
 //! fleet, one Job-mode exit and one exit race, with their goals asserted.
 //!
 //! The binary is also the task program: `fleet fleet-task` (see

@@ -72,10 +72,13 @@ pub fn run_task() {
     append(What::End, now_us());
 }
 
-/// A topic and subscription of their own, and a `leasehold run` config for them.
+/// A topic and subscription of their own, and a `leasehold run` config for
+/// them. Its directory (config, records) is removed on drop unless
+/// `BENCH_KEEP_RECORDS` is set.
 pub struct World {
     pub config: Config,
     pub conn: Connection,
+    dir: PathBuf,
     /// The config file the workers read.
     pub path: PathBuf,
     /// Where the tasks append their records.
@@ -118,6 +121,7 @@ impl World {
         World {
             config,
             conn,
+            dir: dir.clone(),
             path,
             records: dir.join("records"),
             host: host.to_string(),
@@ -148,6 +152,16 @@ impl World {
 
     pub fn read_records(&self) -> Vec<Record> {
         crate::schedule::parse(&std::fs::read_to_string(&self.records).unwrap_or_default())
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        if std::env::var_os("BENCH_KEEP_RECORDS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!("  records kept in {}", self.dir.display());
+        }
     }
 }
 
