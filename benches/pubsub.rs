@@ -42,6 +42,9 @@ use leasehold::worker::RunOptions;
 use prost::Message as _;
 use tokio_util::sync::CancellationToken;
 
+#[path = "support/python.rs"]
+mod python;
+
 fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
@@ -78,9 +81,14 @@ impl Recording {
 
 #[async_trait::async_trait]
 impl DataPlane for Recording {
-    async fn pull(&self, sub: &str, max: i32) -> Result<Vec<ReceivedMessage>, RpcError> {
+    async fn pull_within(
+        &self,
+        sub: &str,
+        max: i32,
+        long_poll: Duration,
+    ) -> Result<Vec<ReceivedMessage>, RpcError> {
         let start = Instant::now();
-        let r = self.inner.pull(sub, max).await;
+        let r = self.inner.pull_within(sub, max, long_poll).await;
         let messages = r.as_ref().map_or(0, Vec::len);
         self.record(Rpc {
             name: "pull",
@@ -356,7 +364,14 @@ async fn python(host: &str, n: usize, max_messages: usize, skip: bool) -> Option
     let w = world(host, &format!("py{max_messages}"), 1, "").await;
     publish(&w, "noop", "", n).await;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/python_peer.py");
-    let out = tokio::process::Command::new("python3")
+    let interpreter = match python::interpreter() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("no Python peer: {e}");
+            return None;
+        }
+    };
+    let out = tokio::process::Command::new(interpreter)
         .arg(script)
         .args([
             "--project",

@@ -71,6 +71,8 @@ pub struct Health {
     stopping: AtomicBool,
     /// Set when a loop that must run until shutdown ended: restart me.
     broken: AtomicBool,
+    /// When Job mode last saw a task running (`worker::wait_idle` marks it).
+    last_busy: Mutex<Option<Instant>>,
 }
 
 impl Health {
@@ -122,15 +124,26 @@ impl Health {
         self.broken.store(true, Ordering::Relaxed);
     }
 
-    /// How long since any executor last pulled a message.
+    /// A task is running now: Job mode's idle clock starts again.
+    pub fn busy(&self) {
+        *self.last_busy.lock().expect("health lock") = Some(Instant::now());
+    }
+
+    /// Job mode's idle clock: how long since any executor last pulled a
+    /// message and since a task was last seen running.
     pub fn idle_for(&self) -> Duration {
-        self.activities
+        let pulled = self
+            .activities
             .lock()
             .expect("health lock")
             .iter()
             .map(|a| a.idle_for())
             .min()
-            .unwrap_or_default()
+            .unwrap_or_default();
+        match *self.last_busy.lock().expect("health lock") {
+            Some(busy) => pulled.min(busy.elapsed()),
+            None => pulled,
+        }
     }
 }
 
@@ -158,5 +171,23 @@ mod tests {
         let h = Health::default();
         h.watch().lost_credentials();
         assert!(!h.alive(), "fresh credentials need a restart");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_idle_clock_restarts_on_a_message_and_on_a_running_task() {
+        let h = Health::default();
+        let a = h.watch();
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(h.idle_for(), Duration::from_secs(10));
+        h.busy();
+        tokio::time::advance(Duration::from_secs(3)).await;
+        assert_eq!(h.idle_for(), Duration::from_secs(3), "a task ran 3 s ago");
+        a.received();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(
+            h.idle_for(),
+            Duration::from_secs(1),
+            "a message came 1 s ago"
+        );
     }
 }

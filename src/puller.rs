@@ -5,6 +5,12 @@
 //! Several pull loops run per executor when it has several slots: a slot
 //! freed while one long poll is outstanding starts a Pull of its own, and no
 //! loop ever asks for more than the permits it holds.
+//!
+//! A Pull is never dropped in flight: the server may already have assigned
+//! messages to it, and those would stay invisible until their ack deadline
+//! (measured on the emulator, BENCHMARKS.md). Shutdown therefore waits for
+//! the outstanding Pulls to answer, and Job mode keeps them short near the
+//! moment the worker could decide it is idle ([`Puller::long_poll`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,13 +21,22 @@ use tokio_util::task::TaskTracker;
 use crate::dispatch::Dispatcher;
 use crate::executor::Executor;
 use crate::hand_back::HandBack;
-use crate::health::Activity;
+use crate::health::{Activity, Health};
 use crate::lease::{Lease, LeaseHandle};
 use crate::metrics::Metrics;
 use crate::pubsub::{DataPlane, ReceivedMessage};
 
 /// Pub/Sub returns at most 1,000 messages per Pull.
 pub const MAX_PULL: usize = 1_000;
+
+/// Job mode: no Pull outlives the moment the worker decides it is idle by
+/// more than this, so it exits within this of the decision.
+pub const JOB_EXIT_BOUND: Duration = Duration::from_secs(1);
+
+/// How often Job mode looks at the running tasks (`worker::wait_idle`): a
+/// task running now delays the idle decision by at least the idle period
+/// less this.
+pub const IDLE_TICK: Duration = Duration::from_millis(250);
 
 /// Shared state of one executor's pull loops.
 pub struct Puller {
@@ -45,8 +60,14 @@ pub struct Puller {
     pub stop: CancellationToken,
     /// Liveness of this executor's pulls: readiness and Job mode read it.
     pub activity: Arc<Activity>,
+    /// Every executor's activity: Job mode's idle clock.
+    pub health: Arc<Health>,
     /// Most messages one loop asks for.
     pub max_per_pull: usize,
+    /// How long a Pull may wait for messages.
+    pub long_poll: Duration,
+    /// Job mode's idle period (`run --exit-when-idle`).
+    pub exit_when_idle: Option<Duration>,
 }
 
 impl Puller {
@@ -67,6 +88,27 @@ pub fn pull_loops(slots: usize) -> usize {
 }
 
 impl Puller {
+    /// How long the next Pull may wait for messages: `long_poll`, except in
+    /// Job mode, where it ends at most [`JOB_EXIT_BOUND`] after the earliest
+    /// moment the worker could decide it is idle. That decision needs the
+    /// idle period with nothing pulled by any executor and no task seen
+    /// running ([`Health::idle_for`]); it cannot come sooner than the period
+    /// after that clock's start, nor, while a task runs, sooner than the
+    /// period less one [`IDLE_TICK`] (the clock is sampled every tick).
+    /// So Pulls stay long while the decision is far, and the exit after it
+    /// waits for no long poll (nor drops one).
+    pub fn long_poll(&self) -> Duration {
+        let Some(idle) = self.exit_when_idle else {
+            return self.long_poll;
+        };
+        let earliest = if self.tracker.is_empty() {
+            idle.saturating_sub(self.health.idle_for())
+        } else {
+            idle.saturating_sub(IDLE_TICK)
+        };
+        (earliest + JOB_EXIT_BOUND).min(self.long_poll)
+    }
+
     /// One pull loop; returns after `stop` once its last Pull answered.
     pub async fn run(self: Arc<Self>) {
         let label = self.executor.subscription().to_string();
@@ -88,9 +130,10 @@ impl Puller {
             // the messages it was about to return until their deadline.
             let pulled = self
                 .data_plane
-                .pull(
+                .pull_within(
                     &self.subscription_path,
                     i32::try_from(permits.len()).unwrap_or(i32::MAX),
+                    self.long_poll(),
                 )
                 .await;
             let messages = match pulled {

@@ -18,9 +18,18 @@ use crate::pubsub::{DataPlane, FailedIds, PubsubMessage, ReceivedMessage, RpcErr
 /// One recorded data-plane call.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Call {
-    Pull { max_messages: i32 },
-    Ack { ids: Vec<String> },
-    Modify { ids: Vec<String>, seconds: i32 },
+    /// `long_poll`: how long this Pull could wait for a message.
+    Pull {
+        max_messages: i32,
+        long_poll: Duration,
+    },
+    Ack {
+        ids: Vec<String>,
+    },
+    Modify {
+        ids: Vec<String>,
+        seconds: i32,
+    },
 }
 
 /// How long the fake's Pull waits for a message before answering empty.
@@ -226,17 +235,26 @@ impl FakeDataPlane {
 
 #[async_trait::async_trait]
 impl DataPlane for FakeDataPlane {
-    async fn pull(&self, _: &str, max_messages: i32) -> Result<Vec<ReceivedMessage>, RpcError> {
-        self.calls
-            .lock()
-            .unwrap()
-            .push((Instant::now(), Call::Pull { max_messages }));
+    async fn pull_within(
+        &self,
+        _: &str,
+        max_messages: i32,
+        long_poll: Duration,
+    ) -> Result<Vec<ReceivedMessage>, RpcError> {
+        let long_poll = long_poll.min(LONG_POLL);
+        self.calls.lock().unwrap().push((
+            Instant::now(),
+            Call::Pull {
+                max_messages,
+                long_poll,
+            },
+        ));
         let m = self.misbehaviour();
         if let Some(code) = m.pull_failing {
             return Err(RpcError::new("Pull", code, "fake pull failure"));
         }
         let n = usize::try_from(max_messages).unwrap_or(0) + m.extra_on_pull;
-        let give_up = Instant::now() + LONG_POLL;
+        let give_up = Instant::now() + long_poll;
         loop {
             let notified = self.arrived.notified();
             tokio::pin!(notified);

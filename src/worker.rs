@@ -3,7 +3,8 @@
 //!
 //! Shutdown, in order:
 //! 1. stop pulling: each pull loop lets its outstanding Pull answer (at most
-//!    5 s) and releases (deadline 0) whatever that brings;
+//!    5 s; in Job mode at most 1 s after the idle decision, see
+//!    `Puller::long_poll`) and releases (deadline 0) whatever that brings;
 //! 2. running tasks may finish within `shutdown.grace`, their leases still
 //!    extended;
 //! 3. then (and not before our own Pulls ended, so a release is not pulled
@@ -191,6 +192,7 @@ async fn run_prepared(
         metrics: &metrics,
         health: &health,
         work: &work,
+        exit_when_idle: options.exit_when_idle,
     };
     metrics.init_known_series(
         &executors

@@ -98,12 +98,24 @@ pub fn code_label(code: tonic::Code) -> &'static str {
 /// The three data-plane RPCs, per subscription (full resource path).
 #[async_trait::async_trait]
 pub trait DataPlane: Send + Sync + 'static {
-    /// Long-polling unary Pull of at most `max_messages`.
+    /// Long-polling unary Pull of at most `max_messages`, answered within
+    /// `long_poll` or the data plane's own bound, whichever is shorter.
+    async fn pull_within(
+        &self,
+        subscription: &str,
+        max_messages: i32,
+        long_poll: Duration,
+    ) -> Result<Vec<ReceivedMessage>, RpcError>;
+
+    /// [`pull_within`](Self::pull_within) the data plane's own bound.
     async fn pull(
         &self,
         subscription: &str,
         max_messages: i32,
-    ) -> Result<Vec<ReceivedMessage>, RpcError>;
+    ) -> Result<Vec<ReceivedMessage>, RpcError> {
+        self.pull_within(subscription, max_messages, Duration::MAX)
+            .await
+    }
 
     /// Acknowledge a batch of ack ids (the caller keeps batches within
     /// Pub/Sub's request limits), giving up after `timeout`.
@@ -247,10 +259,11 @@ async fn with_deadline<T>(
 
 #[async_trait::async_trait]
 impl DataPlane for GrpcDataPlane {
-    async fn pull(
+    async fn pull_within(
         &self,
         subscription: &str,
         max_messages: i32,
+        long_poll: Duration,
     ) -> Result<Vec<ReceivedMessage>, RpcError> {
         #[allow(deprecated)] // return_immediately is deprecated; false is the long poll we want
         let body = PullRequest {
@@ -259,7 +272,7 @@ impl DataPlane for GrpcDataPlane {
             max_messages,
         };
         let mut request = self.request("Pull", subscription, body).await?;
-        request.set_timeout(self.pull_timeout);
+        request.set_timeout(long_poll.min(self.pull_timeout));
         match self.client.clone().pull(request).await {
             Ok(response) => Ok(response.into_inner().received_messages),
             // A long poll that found nothing in time is an empty answer.

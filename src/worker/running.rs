@@ -10,7 +10,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{Clients, FIRST_DEADLINE};
+use super::{Clients, FIRST_DEADLINE, PULL_TIMEOUT};
 use crate::config::Config;
 use crate::dead_letter::DeadLetters;
 use crate::dispatch::{Dispatcher, DispatcherParts};
@@ -21,7 +21,7 @@ use crate::health::Health;
 use crate::lease::{LeaseLoop, LeaseLoopOptions};
 use crate::metrics::Metrics;
 use crate::pod::WorkInProgress;
-use crate::puller::{MAX_PULL, Puller, pull_loops};
+use crate::puller::{IDLE_TICK, MAX_PULL, Puller, pull_loops};
 use crate::results::Results;
 
 /// What every executor's loops share.
@@ -31,7 +31,10 @@ pub(super) struct Shared<'a> {
     pub registry: &'a Arc<HandlerRegistry>,
     pub results: &'a Results,
     pub metrics: &'a Metrics,
-    pub health: &'a Health,
+    pub health: &'a Arc<Health>,
+    /// Job mode's idle period: the pull loops keep their long polls short
+    /// near it.
+    pub exit_when_idle: Option<Duration>,
     /// What runs now, for the pod's annotations.
     pub work: &'a Arc<WorkInProgress>,
 }
@@ -120,6 +123,9 @@ impl Running {
             metrics: (*metrics).clone(),
             stop: self.stop_pulling.clone(),
             activity: shared.health.watch(),
+            health: shared.health.clone(),
+            long_poll: PULL_TIMEOUT,
+            exit_when_idle: shared.exit_when_idle,
         });
         for _ in 0..loops {
             self.pullers.spawn(puller.clone().run());
@@ -191,15 +197,14 @@ async fn wait_idle(idle: Option<Duration>, tracker: &TaskTracker, health: &Healt
     let Some(idle) = idle else {
         return std::future::pending().await;
     };
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
-    let mut last_busy = tokio::time::Instant::now();
+    let mut tick = tokio::time::interval(IDLE_TICK);
     loop {
         tick.tick().await;
         if !tracker.is_empty() {
-            last_busy = tokio::time::Instant::now();
+            health.busy();
             continue;
         }
-        if health.idle_for() >= idle && last_busy.elapsed() >= idle {
+        if health.idle_for() >= idle {
             return;
         }
     }

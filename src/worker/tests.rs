@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::dead_letter::ERROR_ATTRIBUTE;
+use crate::puller::IDLE_TICK;
 use crate::testing::{Call, FakeDataPlane, FakePublisher, message};
 
 const SEC: Duration = Duration::from_secs(1);
@@ -49,6 +50,11 @@ kill_grace = "1s"
 "#;
 
 fn start(extra: &str) -> Worker {
+    start_with(extra, None)
+}
+
+/// [`start`], in Job mode when `exit_when_idle` is given.
+fn start_with(extra: &str, exit_when_idle: Option<Duration>) -> Worker {
     let dir = tempfile::tempdir().unwrap();
     let (base, layer) = (dir.path().join("base.toml"), dir.path().join("test.toml"));
     std::fs::write(&base, BASE).unwrap();
@@ -64,7 +70,7 @@ fn start(extra: &str) -> Worker {
     };
     let options = RunOptions {
         metrics: Some(metrics.clone()),
-        ..RunOptions::default()
+        exit_when_idle,
     };
     let worker = tokio::spawn(run_with(
         config,
@@ -237,6 +243,67 @@ async fn pull_errors_back_off_and_the_worker_recovers() {
     w.until("the task after the outage", |w| w.acked("t5#1"))
         .await;
     w.stop().await;
+}
+
+/// The long polls of every Pull so far.
+fn long_polls(w: &Worker) -> Vec<Duration> {
+    w.dp.calls()
+        .into_iter()
+        .filter_map(|(_, c)| match c {
+            Call::Pull { long_poll, .. } => Some(long_poll),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn outside_job_mode_every_pull_long_polls_five_seconds() {
+    let w = start("");
+    tokio::time::sleep(12 * SEC).await;
+    let polls = long_polls(&w);
+    assert!(polls.len() >= 4, "{polls:?}");
+    assert!(polls.iter().all(|p| *p == 5 * SEC), "{polls:?}");
+    w.stop().await;
+}
+
+/// Job mode with a 1 s idle period: the task ends at 3 s, so the idle
+/// decision comes at 4 s (4.25 s at the latest, its tick), and no Pull may
+/// outlive it by more than a second. With 5 s long polls the worker would
+/// wait until 8 s for the Pull its freed slot started at 3 s.
+#[tokio::test(start_paused = true)]
+async fn job_mode_exits_within_a_second_of_its_idle_decision() {
+    let mut w = start_with("", Some(SEC));
+    w.dp.push(message("t1", Some("sleep"), r#"{"seconds": 3}"#));
+    (&mut w.task).await.unwrap().unwrap();
+    let exited = w.started.elapsed();
+    assert!(w.acked("t1#1"), "{:?}", w.rpcs());
+    assert!(
+        exited >= 4 * SEC && exited <= 4 * SEC + IDLE_TICK + crate::puller::JOB_EXIT_BOUND,
+        "exited after {exited:?}"
+    );
+    let polls = long_polls(&w);
+    assert!(
+        polls.iter().all(|p| *p <= 2 * SEC),
+        "short long polls near the decision: {polls:?}"
+    );
+}
+
+/// Job mode after a long task: the idle clock starts at the task's end, not
+/// at its message's receipt an age ago, so the free loops keep their 5 s long
+/// polls until the last seconds of the idle period.
+#[tokio::test(start_paused = true)]
+async fn job_mode_keeps_long_polls_until_the_idle_decision_nears() {
+    let mut w = start_with("", Some(60 * SEC));
+    w.dp.push(message("t1", Some("sleep"), r#"{"seconds": 300}"#));
+    (&mut w.task).await.unwrap().unwrap();
+    let exited = w.started.elapsed();
+    assert!(
+        exited >= 360 * SEC && exited <= 360 * SEC + IDLE_TICK + crate::puller::JOB_EXIT_BOUND,
+        "exited after {exited:?}"
+    );
+    let short = long_polls(&w).iter().filter(|p| **p < 5 * SEC).count();
+    // Two loops, each with a few Pulls shortened near the decision.
+    assert!(short <= 8, "{short} short long polls: {:?}", long_polls(&w));
 }
 
 mod edges;
