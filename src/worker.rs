@@ -99,10 +99,15 @@ pub async fn run(
     // The subscriptions keep the contract retries and dead letters rely on.
     crate::pubsub::admin::check(&conn, &config).await?;
     let publisher = GooglePublisher::new(conn.clone());
-    // Built now, so a bad endpoint is a start-up error, not a lost dead letter.
+    // Built now, so a bad endpoint is a start-up error, not a lost dead letter,
+    // and a hand-back at shutdown (a few seconds of notice on Spot) does not
+    // first have to build its task topic's publisher.
     publisher.prepare(&config.pubsub.dead_letter_topic).await?;
     if !config.pubsub.results_topic.is_empty() {
         publisher.prepare(&config.pubsub.results_topic).await?;
+    }
+    for (_, executor) in config.enabled_executors() {
+        publisher.prepare(&executor.topic).await?;
     }
     let clients = Clients {
         data_plane: Arc::new(conn.data_plane().with_pull_timeout(PULL_TIMEOUT)),

@@ -156,27 +156,15 @@ async fn drive(
 }
 
 async fn leasehold_fleet(host: &str, shape: Shape, backlog: &[(String, u64)]) -> Report {
-    let world = World::new(
-        host,
-        &format!("lh{}x{}", shape.workers, shape.slots),
-        shape.slots,
-        60,
-    )
-    .await;
-    let mut fleet: Vec<Process> = shape
-        .names()
-        .keys()
-        .map(|name| spawn_worker(&world, name, &[]))
-        .collect();
-    for p in &fleet {
-        p.wait_for("executor started", Duration::from_secs(30))
-            .await
-            .unwrap_or_else(|| panic!("{} did not start: {}", p.name, p.dump()));
-    }
-    // Their first Pulls are outstanding when the backlog arrives.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let (records, t0) = drive(&world, &mut fleet, backlog, true).await;
-    schedule::analyse(&records, &shape.names(), t0)
+    let started = Started {
+        line: "executor started",
+        limit: Duration::from_secs(30),
+        settle: Duration::from_millis(500), // their first Pulls are outstanding
+    };
+    run_fleet(host, "lh", shape, backlog, started, true, |world, name| {
+        spawn_worker(world, name, &[])
+    })
+    .await
 }
 
 async fn python_fleet(
@@ -185,9 +173,39 @@ async fn python_fleet(
     shape: Shape,
     backlog: &[(String, u64)],
 ) -> Report {
+    let started = Started {
+        line: "ready",
+        limit: Duration::from_secs(60),
+        settle: Duration::from_secs(2), // their streams are open
+    };
+    run_fleet(host, "py", shape, backlog, started, false, |world, name| {
+        spawn_peer(world, python, name, shape.slots)
+    })
+    .await
+}
+
+/// How a fleet's processes show they are up, and how long to let them settle
+/// before the backlog arrives.
+struct Started {
+    line: &'static str,
+    limit: Duration,
+    settle: Duration,
+}
+
+/// Starts one process per worker name of `shape`, waits for each to say it
+/// started, publishes the backlog and analyses the records.
+async fn run_fleet(
+    host: &str,
+    prefix: &str,
+    shape: Shape,
+    backlog: &[(String, u64)],
+    started: Started,
+    receipts_from_logs: bool,
+    spawn: impl Fn(&World, &str) -> Process,
+) -> Report {
     let world = World::new(
         host,
-        &format!("py{}x{}", shape.workers, shape.slots),
+        &format!("{prefix}{}x{}", shape.workers, shape.slots),
         shape.slots,
         60,
     )
@@ -195,16 +213,15 @@ async fn python_fleet(
     let mut fleet: Vec<Process> = shape
         .names()
         .keys()
-        .map(|name| spawn_peer(&world, python, name, shape.slots))
+        .map(|name| spawn(&world, name))
         .collect();
     for p in &fleet {
-        p.wait_for("ready", Duration::from_secs(60))
+        p.wait_for(started.line, started.limit)
             .await
-            .unwrap_or_else(|| panic!("peer {} did not start: {}", p.name, p.dump()));
+            .unwrap_or_else(|| panic!("{} did not start: {}", p.name, p.dump()));
     }
-    // Their streams are open when the backlog arrives.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let (records, t0) = drive(&world, &mut fleet, backlog, false).await;
+    tokio::time::sleep(started.settle).await;
+    let (records, t0) = drive(&world, &mut fleet, backlog, receipts_from_logs).await;
     schedule::analyse(&records, &shape.names(), t0)
 }
 

@@ -41,10 +41,11 @@ pub fn task_environment(task: &Task) -> Result<Vec<(String, String)>, Failure> {
             task.interruptions.to_string(),
         ),
     ];
-    if let Some(t) = task.publish_time
-        && let Ok(s) = t.format(&time::format_description::well_known::Rfc3339)
-    {
-        env.push(("LEASEHOLD_PUBLISH_TIME".to_string(), s));
+    if let Some(t) = task.publish_time {
+        env.push((
+            "LEASEHOLD_PUBLISH_TIME".to_string(),
+            crate::results::rfc3339(t),
+        ));
     }
     for (what, value) in [("task id", &task.task_id), ("kind", &task.kind)] {
         if value.contains('\0') {

@@ -62,6 +62,31 @@ pub fn parse_stat(text: &str) -> Option<ProcInfo> {
     })
 }
 
+/// How old a `/proc` snapshot the once-a-second scans of running tasks may
+/// share: with many slots, one read of `/proc` serves every task's scan.
+const SHARED_SCAN_AGE: Duration = Duration::from_millis(500);
+
+/// A snapshot of `/proc` at most [`SHARED_SCAN_AGE`] old, shared by the
+/// scans of all running tasks (std `Instant`: this runs on a blocking thread,
+/// outside tokio's clock).
+#[allow(clippy::disallowed_types)]
+fn shared_table() -> std::sync::Arc<Vec<ProcInfo>> {
+    use std::sync::{Arc, Mutex};
+    use std::time::Instant;
+    static LAST: Mutex<Option<(Instant, Arc<Vec<ProcInfo>>)>> = Mutex::new(None);
+    let mut last = LAST
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some((at, table)) = &*last
+        && at.elapsed() < SHARED_SCAN_AGE
+    {
+        return table.clone();
+    }
+    let table = Arc::new(read_table());
+    *last = Some((Instant::now(), table.clone()));
+    table
+}
+
 /// Every process this machine's `/proc` shows.
 fn read_table() -> Vec<ProcInfo> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
@@ -183,10 +208,17 @@ impl TaskProcesses {
     }
 
     /// One look at `/proc` (blocking): records the task's processes and
-    /// reaps its zombies; returns the live ones.
-    fn scan(&mut self) -> Vec<i32> {
+    /// reaps its zombies; returns the live ones. `fresh` reads `/proc` now
+    /// (ending a task); otherwise a snapshot shared with the other tasks'
+    /// scans will do (watching one).
+    fn scan(&mut self, fresh: bool) -> Vec<i32> {
         let mark = self.mark.clone();
-        let sweep = self.sweep(&read_table(), &|pid| environ_has(pid, &mark));
+        let table = if fresh {
+            std::sync::Arc::new(read_table())
+        } else {
+            shared_table()
+        };
+        let sweep = self.sweep(&table, &|pid| environ_has(pid, &mark));
         for pid in sweep.reap {
             let _ = waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG));
         }
@@ -196,7 +228,7 @@ impl TaskProcesses {
     /// A scan while the task runs, off the runtime's threads.
     pub async fn watch(mut self) -> TaskProcesses {
         tokio::task::spawn_blocking(move || {
-            self.scan();
+            self.scan(false);
             self
         })
         .await
@@ -210,7 +242,7 @@ impl TaskProcesses {
         let started = tokio::time::Instant::now();
         loop {
             let (back, alive) = tokio::task::spawn_blocking(move || {
-                let alive = me.scan();
+                let alive = me.scan(true);
                 for pid in &alive {
                     let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
                 }
