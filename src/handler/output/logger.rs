@@ -3,8 +3,10 @@
 //! One thread for the whole worker, started at the first line: writing a
 //! log line may wait (on stderr, or on a slow log collector), and that wait
 //! is this thread's, never the runtime's. The queue holds at most
-//! [`QUEUE_LINES`] lines and [`QUEUE_BYTES`] bytes; a line that does not fit
-//! is refused at once and counted dropped by its stream.
+//! [`QUEUE_LINES`] lines and [`QUEUE_BYTES`] bytes, and one stream at most a
+//! quarter of each, so one task's flood cannot crowd out another task's lines;
+//! a line that does not fit is refused at once and counted dropped by its
+//! stream.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
@@ -18,6 +20,9 @@ pub const QUEUE_LINES: usize = 4096;
 pub const QUEUE_BYTES: usize = 1024 * 1024;
 /// What a queued line costs besides its text (its struct and allocation).
 const LINE_OVERHEAD: usize = 64;
+/// The share of the queue one stream may hold (lines and bytes), so that one
+/// task's flood cannot crowd out every other task's lines.
+const STREAM_SHARE: usize = 4;
 
 /// Where one stream's lines go: the task's span, in the subscriber that was
 /// current where the handler started (a test's, or the global one).
@@ -26,6 +31,9 @@ pub struct StreamLog {
     dispatch: Dispatch,
     span: tracing::Span,
     name: &'static str,
+    /// This stream's lines and bytes in the queue now.
+    queued_lines: AtomicUsize,
+    queued_bytes: AtomicUsize,
 }
 
 impl StreamLog {
@@ -35,7 +43,15 @@ impl StreamLog {
             dispatch: tracing::dispatcher::get_default(Dispatch::clone),
             span: tracing::Span::current(),
             name,
+            queued_lines: AtomicUsize::new(0),
+            queued_bytes: AtomicUsize::new(0),
         }
+    }
+
+    /// A line of `cost` bytes left the queue.
+    fn release(&self, cost: usize) {
+        self.queued_lines.fetch_sub(1, Ordering::AcqRel);
+        self.queued_bytes.fetch_sub(cost, Ordering::AcqRel);
     }
 
     fn in_scope(&self, f: impl FnOnce(&'static str)) {
@@ -97,17 +113,30 @@ fn queue() -> &'static Queue {
     })
 }
 
+/// Adds `n` to `counter` if that keeps it within `limit`.
+fn reserve(counter: &AtomicUsize, n: usize, limit: usize) -> bool {
+    counter
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+            (v + n <= limit).then_some(v + n)
+        })
+        .is_ok()
+}
+
 /// Queues a line of `log`'s stream (`dropped` lines were dropped just
-/// before it), or refuses it at once when the queue is full.
+/// before it), or refuses it at once when the queue, or this stream's share
+/// of it, is full.
 pub fn send(log: &Arc<StreamLog>, line: &[u8], cut: bool, dropped: u64) -> Result<(), ()> {
     let queue = queue();
     let cost = line.len() + LINE_OVERHEAD;
-    let reserved = queue
-        .bytes
-        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
-            (b + cost <= QUEUE_BYTES).then_some(b + cost)
-        });
-    if reserved.is_err() {
+    if !reserve(&log.queued_lines, 1, QUEUE_LINES / STREAM_SHARE) {
+        return Err(());
+    }
+    if !reserve(&log.queued_bytes, cost, QUEUE_BYTES / STREAM_SHARE) {
+        log.queued_lines.fetch_sub(1, Ordering::AcqRel);
+        return Err(());
+    }
+    if !reserve(&queue.bytes, cost, QUEUE_BYTES) {
+        log.release(cost);
         return Err(());
     }
     let line = Line {
@@ -121,6 +150,7 @@ pub fn send(log: &Arc<StreamLog>, line: &[u8], cut: bool, dropped: u64) -> Resul
         Ok(()) => Ok(()),
         Err(TrySendError::Full(line) | TrySendError::Disconnected(line)) => {
             queue.bytes.fetch_sub(line.cost, Ordering::AcqRel);
+            line.log.release(line.cost);
             Err(())
         }
     }
@@ -146,5 +176,6 @@ fn write_lines(receiver: &Receiver<Line>, bytes: &AtomicUsize) {
             }
         });
         bytes.fetch_sub(line.cost, Ordering::AcqRel);
+        line.log.release(line.cost);
     }
 }
