@@ -275,9 +275,12 @@ impl DataPlane for GrpcDataPlane {
         request.set_timeout(long_poll.min(self.pull_timeout));
         match self.client.clone().pull(request).await {
             Ok(response) => Ok(response.into_inner().received_messages),
-            // A long poll that found nothing in time is an empty answer.
-            Err(s) if s.code() == tonic::Code::DeadlineExceeded => Ok(Vec::new()),
-            Err(s) => Err(rpc_error("Pull", &s)),
+            Err(s) => match rpc_error("Pull", &s) {
+                // A long poll that found nothing in time is an empty answer,
+                // whether the server said so or tonic's own timer did first.
+                e if e.code == tonic::Code::DeadlineExceeded => Ok(Vec::new()),
+                e => Err(e),
+            },
         }
     }
 
@@ -321,5 +324,20 @@ impl DataPlane for GrpcDataPlane {
             |mut c, r| async move { c.modify_ack_deadline(r).await },
         )
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tonics_own_timeout_is_the_deadline_passing() {
+        // tonic's timer firing before the server's answer (under load): a
+        // long poll that found nothing, not a failed Pull.
+        let e = rpc_error("Pull", &tonic::Status::cancelled("Timeout expired"));
+        assert_eq!(e.code, tonic::Code::DeadlineExceeded);
+        let e = rpc_error("Pull", &tonic::Status::cancelled("the client went away"));
+        assert_eq!(e.code, tonic::Code::Cancelled);
     }
 }
